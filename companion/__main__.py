@@ -1,0 +1,43 @@
+"""Command line: ``python -m companion bench conv``, ``python -m companion train cnn`` ..."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from companion.runtime import quick
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the chosen benchmark or training recipe."""
+    parser = argparse.ArgumentParser(prog="python -m companion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="print speed figures (benchmarks, not tests)")
+    bench.add_argument("what", choices=["conv", "attention"])
+    bench.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+
+    train = sub.add_parser("train", help="train a model with the book's recipe and report accuracy")
+    train.add_argument("what", choices=["cnn"])
+    train.add_argument("--quick", action="store_true", help="small subset and few epochs (also COMPANION_QUICK=1)")
+    train.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
+    train.add_argument("--data", default=None, help="data root (default: $COMPANION_DATA or the user cache)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save", default=None, help="write the trained weights to this .safetensors file")
+
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        from companion import bench as benchmarks
+
+        getattr(benchmarks, f"bench_{args.what}")(device=args.device)
+    else:
+        from companion import recipes
+
+        getattr(recipes, f"train_{args.what}")(
+            quick=args.quick or quick(), epochs=args.epochs, root=args.data, seed=args.seed, save=args.save
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Run-time settings shared by every chapter: quick mode, the device, seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["quick", "device", "seed_everything"]
+
+
+def quick() -> bool:
+    """Return True in quick mode (environment variable ``COMPANION_QUICK=1``)."""
+    return os.environ.get("COMPANION_QUICK", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def device() -> torch.device:
+    """Pick the best available device: CUDA, then Apple MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and PyTorch (all devices) so a rerun gives the same numbers."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA and MPS generators

@@ -1,0 +1,184 @@
+"""One training loop for every chapter: ``fit``, ``evaluate`` and ``predict``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from companion.runtime import device, seed_everything
+
+__all__ = ["History", "device", "evaluate", "fit", "predict", "seed_everything"]
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class History:
+    """Per-epoch figures of a ``fit`` run (accuracies in [0, 1], seconds of training per epoch)."""
+
+    train_loss: list[float] = field(default_factory=list)
+    train_acc: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    test_acc: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    device: str = ""
+
+    @property
+    def total_seconds(self) -> float:
+        """Training time of all epochs together (evaluation excluded)."""
+        return sum(self.seconds)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _autocast(dev: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when asked for; full precision everywhere else."""
+    if amp and dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _schedule(kind: str, total_steps: int, warmup: float):
+    """Learning-rate multiplier per step: linear warm-up, then linear ('onecycle') or cosine decay to 0."""
+    if kind not in {"onecycle", "cosine", "constant"}:
+        raise ValueError(f"schedule must be 'onecycle', 'cosine' or 'constant', got {kind!r}")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup is a fraction of all steps in [0, 1), got {warmup}")
+    warm = max(1, round(warmup * total_steps)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total_steps - warm)
+        return 1 - progress if kind == "onecycle" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; weight decay on weight matrices and kernels only, not biases or norms."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {kind!r}")
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole data set, on the CPU; ``tta_flip`` averages with the mirrored images."""
+    was_training = model.training
+    model.eval()
+    dev = _model_device(model)
+    all_logits, all_labels = [], []
+    for x, y in data:
+        x = x.to(dev)
+        with _autocast(dev, amp):
+            logits = model(x).float()
+            if tta_flip:
+                logits = 0.5 * (logits + model(x.flip(3)).float())
+        all_logits.append(logits.cpu())
+        all_labels.append(y.cpu())
+    model.train(was_training)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (in [0, 1]) of ``model`` on ``data``."""
+    logits, labels = predict(model, data, tta_flip=tta_flip, amp=amp)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def fit(
+    model: nn.Module,
+    train_data: Batches,
+    test_data: Batches | None = None,
+    epochs: int = 10,
+    *,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    schedule: str = "onecycle",
+    warmup: float = 0.2,
+    label_smoothing: float = 0.0,
+    grad_clip: float | None = None,
+    amp: bool = True,
+    tta_flip: bool = False,
+    progress: bool = True,
+) -> History:
+    """Train ``model`` on ``train_data`` for ``epochs`` epochs and return its ``History``.
+
+    SGD with Nesterov momentum (default lr 0.05) or AdamW (default lr 1e-3); the learning rate warms
+    up linearly over the first ``warmup`` fraction of steps, then decays to zero ('onecycle': linearly,
+    'cosine': along a half cosine). Mixed precision (bfloat16) is used on CUDA only, when ``amp``.
+    The model is moved to the device of the data's first batch.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    steps_per_epoch = len(train_data)  # type: ignore[arg-type]
+    if steps_per_epoch == 0:
+        raise ValueError("train_data yields no batches (empty data set, or batch_size larger than it with drop_last)")
+    if lr is None:
+        lr = 0.05 if optimizer == "sgd" else 1e-3
+    opt = _optimizer(model, optimizer, lr, weight_decay, momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, epochs * steps_per_epoch, warmup))
+
+    history = History()
+    bar = tqdm(total=epochs * steps_per_epoch, desc="training", disable=not progress)
+    for epoch in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros(())
+        correct = torch.zeros((), dtype=torch.long)
+        seen = 0
+        for x, y in train_data:
+            if seen == 0 and epoch == 0:
+                model.to(x.device)
+                loss_sum, correct = loss_sum.to(x.device), correct.to(x.device)
+                history.device = str(x.device)
+            with _autocast(x.device, amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            bar.update(1)
+        if loss_sum.device.type == "cuda":
+            torch.cuda.synchronize()
+        history.seconds.append(time.perf_counter() - start)
+        history.train_loss.append(loss_sum.item() / seen)
+        history.train_acc.append(correct.item() / seen)
+        history.lr.append(opt.param_groups[0]["lr"])
+        postfix = {"epoch": epoch + 1, "loss": f"{history.train_loss[-1]:.3f}", "acc": f"{history.train_acc[-1]:.3f}"}
+        if test_data is not None:
+            test_loss, test_acc = evaluate(model, test_data, tta_flip=tta_flip, amp=amp)
+            history.test_loss.append(test_loss)
+            history.test_acc.append(test_acc)
+            postfix["test_acc"] = f"{test_acc:.3f}"
+        bar.set_postfix(postfix)
+    bar.close()
+    return history

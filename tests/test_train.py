@@ -1,0 +1,105 @@
+"""companion.train and companion.runtime: the loop learns, schedules are right, runs repeat exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import companion
+from companion.data import DeviceLoader
+from companion.train import _schedule, evaluate, fit, predict
+
+
+def tiny_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(4),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+    )
+
+
+def tiny_batch(n: int = 32) -> DeviceLoader:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return DeviceLoader(images, torch.arange(n) % 10, batch_size=n, device="cpu")
+
+
+def test_fit_overfits_a_tiny_batch():
+    companion.seed_everything(0)
+    data = tiny_batch()
+    model = tiny_cnn()
+    start_loss, _ = evaluate(model, data)
+    history = fit(model, data, data, epochs=60, optimizer="adamw", lr=3e-3, weight_decay=0, warmup=0.1, progress=False)
+    assert history.train_loss[-1] < 0.1 * start_loss
+    assert history.test_acc[-1] == 1.0  # 32 random images, memorised
+    assert len(history.seconds) == 60 and history.device == "cpu"
+
+
+def test_runs_repeat_exactly_with_the_same_seed():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(64) % 10
+
+    def run() -> list[float]:
+        companion.seed_everything(123)
+        data = DeviceLoader(images, labels, batch_size=16, shuffle=True, augment=True, device="cpu", seed=5)
+        return fit(tiny_cnn(), data, epochs=2, label_smoothing=0.1, progress=False).train_loss
+
+    assert run() == run()
+
+
+@pytest.mark.parametrize("kind", ["onecycle", "cosine"])
+def test_schedule_warms_up_then_decays_to_zero(kind):
+    f = _schedule(kind, total_steps=100, warmup=0.2)
+    values = [f(s) for s in range(100)]
+    assert values[0] == pytest.approx(1 / 20) and values[19] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(values[:20], values[1:20]))  # rising
+    assert all(a >= b for a, b in zip(values[19:], values[20:]))  # falling
+    assert values[-1] < 0.06 and f(100) == pytest.approx(0.0)
+    if kind == "cosine":
+        assert f(20 + 40) == pytest.approx(0.5)  # half-way through the decay
+
+
+def test_bad_training_arguments():
+    data, model = tiny_batch(), tiny_cnn()
+    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adamw'"):
+        fit(model, data, optimizer="adam", progress=False)
+    with pytest.raises(ValueError, match="schedule must be"):
+        fit(model, data, schedule="step", progress=False)
+    with pytest.raises(ValueError, match="warmup is a fraction"):
+        fit(model, data, warmup=5, progress=False)
+    with pytest.raises(ValueError, match="epochs must be at least 1"):
+        fit(model, data, epochs=0, progress=False)
+
+
+class Fixed(nn.Module):
+    """A 'model' whose logits favour class (sum of the first pixel > 0), mirrored or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[:, 0, 0, 0], -x[:, 0, 0, 0]], dim=1) + self.dummy
+
+
+def test_evaluate_and_flip_tta():
+    x = torch.randn(10, 3, 4, 4)
+    y = (x[:, 0, 0, 0] <= 0).long()  # exactly what Fixed predicts
+    data = [(x[:5], y[:5]), (x[5:], y[5:])]
+    loss, acc = evaluate(Fixed(), data)
+    assert acc == 1.0 and loss > 0
+    logits, labels = predict(Fixed(), data, tta_flip=True)
+    want = 0.5 * (Fixed()(x) + Fixed()(x.flip(3)))
+    assert torch.allclose(logits, want) and torch.equal(labels, y)
+
+
+def test_quick_mode_and_device(monkeypatch):
+    monkeypatch.setenv("COMPANION_QUICK", "1")
+    assert companion.quick()
+    monkeypatch.setenv("COMPANION_QUICK", "0")
+    assert not companion.quick()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert companion.device().type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert companion.device().type == "cpu"
