@@ -1,0 +1,278 @@
+"""Scaled dot-product attention, multi-head attention and positional encodings (Chapter 2).
+
+Chapters 4 (SAGAN block), 5 (ViT encoder) and 6 (caption decoder) import these rather than
+re-implementing them.
+
+Mask convention, everywhere in this module: a **boolean** mask is ``True`` where a query may
+attend to a key, exactly like the ``attn_mask`` of ``torch.nn.functional.scaled_dot_product_attention``.
+(``torch.nn.MultiheadAttention`` uses the opposite convention, ``True`` = blocked: pass it ``~mask``.)
+A **float** mask is added to the scores before the softmax: ``0`` lets a key through, ``-inf`` blocks it.
+A query row whose keys are all blocked has nothing to average: both paths return zeros for it
+(output and weights), as PyTorch's fused kernel does, instead of the NaN of a plain softmax.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LearnedPositionEmbedding",
+    "MultiHeadAttention",
+    "attention_weights",
+    "causal_mask",
+    "padding_mask",
+    "scaled_dot_product_attention",
+    "sinusoidal_position_encoding",
+    "sinusoidal_position_encoding_2d",
+]
+
+
+def _scores_shape(q: Tensor, k: Tensor, v: Tensor | None = None) -> tuple[int, ...]:
+    """Check q, k (and v) against each other and return the shape (..., N, M) of the scores."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t is not None and t.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., tokens, features), got {tuple(t.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same head dimension d_k (last axis): got q {tuple(q.shape)} and "
+            f"k {tuple(k.shape)}; project them to a common size first"
+        )
+    if v is not None and v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"k and v must hold the same number of tokens (axis -2): got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    others = [k.shape[:-2]] + ([v.shape[:-2]] if v is not None else [])
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-2], *others)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the leading (batch, head) dimensions of q {tuple(q.shape)}, k {tuple(k.shape)} do not broadcast"
+        ) from err
+    return (*batch, q.shape[-2], k.shape[-2])
+
+
+def _check_mask(mask: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+    """Validate a mask against the scores' shape; return it as bool or as the scores' float dtype."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(
+            f"mask must be bool (True = attend) or float (added to the scores), got {mask.dtype}; "
+            "convert it, e.g. mask.bool()"
+        )
+    try:
+        fits = torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores (..., N, M) = {shape}; "
+            "give it shape (N, M), or keep the leading axes and use size 1 where it is shared, "
+            "e.g. (B, 1, 1, M) for a key padding mask over (B, heads, N, M)"
+        )
+    return mask if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """The attention weights ``softmax(q k^T / sqrt(d_k) + mask)`` over the keys, shape (..., N, M)."""
+    shape = _scores_shape(q, k)
+    mask = _check_mask(mask, shape, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = q @ k.transpose(-2, -1) * scale  # (..., N, M)
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    blocked = scores.amax(dim=-1, keepdim=True) == float("-inf")  # (..., N, 1): rows with no key left
+    weights = torch.softmax(scores.masked_fill(blocked, 0.0), dim=-1)  # finite everywhere, also in gradients
+    return weights.masked_fill(blocked, 0.0)
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    scale: float | None = None,
+    fused: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``softmax(Q K^T / sqrt(d_k)) V`` over any leading (batch, head) dimensions.
+
+    Shapes: q (..., N, d_k), k (..., M, d_k), v (..., M, d_v) -> (..., N, d_v). ``mask`` broadcasts to
+    (..., N, M): bool True = attend, or float added to the scores. ``dropout_p`` is applied as given
+    (pass 0.0 at evaluation, as ``torch.nn.functional.scaled_dot_product_attention`` expects).
+    With ``return_weights=False`` and ``fused=True`` the call goes to PyTorch's fused kernel; otherwise
+    the readable path below runs and, if asked, also returns the (dropped-out) weights (..., N, M).
+    """
+    shape = _scores_shape(q, k, v)
+    mask = _check_mask(mask, shape, q.dtype)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be between 0 and 1, got {dropout_p}")
+    if fused and not return_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    weights = attention_weights(q, k, mask, scale)  # (..., N, M)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    out = weights @ v  # (..., N, d_v)
+    return (out, weights) if return_weights else out
+
+
+def causal_mask(n: int, m: int | None = None, device: torch.device | str | None = None) -> Tensor:
+    """Boolean (n, m) mask, True = attend, that lets query i see keys 0..i only (lower triangle)."""
+    m = n if m is None else m
+    return torch.ones(n, m, dtype=torch.bool, device=device).tril()
+
+
+def padding_mask(lengths: Tensor | list[int], max_len: int | None = None) -> Tensor:
+    """Boolean (B, max_len) mask, True on the real tokens of sequences of the given lengths.
+
+    Use ``mask=padding_mask(lengths)[:, None, :]`` for scores (B, N, M) and
+    ``[:, None, None, :]`` for (B, heads, N, M), so that no query attends to padding.
+    """
+    lengths = torch.as_tensor(lengths)
+    max_len = int(lengths.max()) if max_len is None else max_len
+    if lengths.ndim != 1 or int(lengths.min()) < 0 or int(lengths.max()) > max_len:
+        raise ValueError(f"lengths must be a 1-D list of integers in 0..{max_len}, got {lengths.tolist()}")
+    return torch.arange(max_len, device=lengths.device) < lengths[:, None]
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: project to Q, K, V, split into heads, attend in each, merge, project out.
+
+    ``forward(query)`` is self-attention; ``forward(query, key)`` (value defaults to key) is
+    cross-attention over another sequence, of another length and (with ``kdim``/``vdim``) width.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        kdim: int | None = None,
+        vdim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or dim % num_heads != 0:
+            divisors = [h for h in range(1, dim + 1) if dim % h == 0]
+            raise ValueError(
+                f"dim={dim} is not divisible by num_heads={num_heads}: each head gets dim // num_heads channels; "
+                f"choose num_heads from {divisors}"
+            )
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.kdim, self.vdim = kdim or dim, vdim or dim
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(self.kdim, dim, bias=bias)
+        self.v_proj = nn.Linear(self.vdim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        mask: Tensor | None = None,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, N, dim) queries over (B, M, kdim) keys -> (B, N, dim), and per-head weights (B, heads, N, M).
+
+        ``mask``: bool (True = attend) or float, of shape (N, M), (B, N, M) or (B, heads, N, M)
+        (size 1 allowed where shared, e.g. (B, 1, M) for key padding).
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        for name, t, d in (("query", query, self.dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.ndim != 3 or t.shape[-1] != d:
+                raise ValueError(f"{name} must have shape (B, tokens, {d}), got {tuple(t.shape)}")
+        if mask is not None and mask.ndim == 3:
+            mask = mask.unsqueeze(1)  # (B, N, M) -> (B, 1, N, M): the same mask for every head
+        B, N, _ = query.shape
+        M = key.shape[1]
+        H, hd = self.num_heads, self.head_dim
+
+        q = self.q_proj(query).view(B, N, H, hd).transpose(1, 2)  # (B, H, N, hd)
+        k = self.k_proj(key).view(B, M, H, hd).transpose(1, 2)  # (B, H, M, hd)
+        v = self.v_proj(value).view(B, M, H, hd).transpose(1, 2)  # (B, H, M, hd)
+        dropout_p = self.dropout if self.training else 0.0
+        out = scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, return_weights=return_weights)
+        if return_weights:
+            out, weights = out  # weights (B, H, N, M)
+        out = out.transpose(1, 2).reshape(B, N, self.dim)  # (B, N, H * hd): heads merged
+        out = self.out_proj(out)  # (B, N, dim)
+        return (out, weights) if return_weights else out
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention) -> MultiHeadAttention:
+        """A MultiHeadAttention holding a copy of the weights of a ``torch.nn.MultiheadAttention``.
+
+        Ours is always batch-first, so it reproduces ``nn.MultiheadAttention(..., batch_first=True)``.
+        """
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError(
+                "add_bias_kv and add_zero_attn are not supported; build nn.MultiheadAttention without them"
+            )
+        bias = mha.in_proj_bias is not None
+        ours = cls(mha.embed_dim, mha.num_heads, bias=bias, dropout=mha.dropout, kdim=mha.kdim, vdim=mha.vdim)
+        ours = ours.to(device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
+        if mha._qkv_same_embed_dim:
+            weights = mha.in_proj_weight.chunk(3)  # (3 * dim, dim) -> 3 x (dim, dim)
+        else:
+            weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+        with torch.no_grad():
+            for proj, w in zip((ours.q_proj, ours.k_proj, ours.v_proj), weights, strict=True):
+                proj.weight.copy_(w)
+            if mha.in_proj_bias is not None:
+                for proj, b in zip((ours.q_proj, ours.k_proj, ours.v_proj), mha.in_proj_bias.chunk(3), strict=True):
+                    proj.bias.copy_(b)
+                ours.out_proj.bias.copy_(mha.out_proj.bias)
+            ours.out_proj.weight.copy_(mha.out_proj.weight)
+        return ours
+
+
+def sinusoidal_position_encoding(n: int, dim: int, base: float = 10000.0) -> Tensor:
+    """Fixed encodings of Vaswani et al. (2017), (n, dim): PE[p, 2i] = sin(p w_i), PE[p, 2i+1] = cos(p w_i).
+
+    The frequencies are ``w_i = base ** (-2i / dim)``, from 1 down to nearly ``1 / base``.
+    """
+    if dim % 2 != 0 or dim < 2:
+        raise ValueError(f"dim must be a positive even number (sine/cosine pairs), got {dim}")
+    position = torch.arange(n, dtype=torch.float64)[:, None]  # (n, 1)
+    freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim / 2,)
+    angle = position * freq  # (n, dim / 2)
+    pe = torch.stack([angle.sin(), angle.cos()], dim=-1)  # (n, dim / 2, 2): sin, cos interleaved
+    return pe.reshape(n, dim).float()
+
+
+def sinusoidal_position_encoding_2d(h: int, w: int, dim: int, base: float = 10000.0) -> Tensor:
+    """Fixed encodings of an h x w grid, (h * w, dim), row-major: half the channels encode the row, half the column."""
+    if dim % 4 != 0 or dim < 4:
+        raise ValueError(
+            f"dim must be a positive multiple of 4 (half for rows, half for columns, each in sine/cosine pairs), "
+            f"got {dim}"
+        )
+    rows = sinusoidal_position_encoding(h, dim // 2, base)  # (h, dim / 2)
+    cols = sinusoidal_position_encoding(w, dim // 2, base)  # (w, dim / 2)
+    grid = torch.cat([rows[:, None, :].expand(h, w, -1), cols[None, :, :].expand(h, w, -1)], dim=-1)  # (h, w, dim)
+    return grid.reshape(h * w, dim)
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """A trainable table of ``n`` position vectors, added to the tokens (as in BERT and ViT)."""
+
+    def __init__(self, n: int, dim: int, std: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, dim))
+        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., N, dim) tokens -> the same tokens plus the first N position vectors."""
+        n, dim = self.weight.shape
+        if x.ndim < 2 or x.shape[-2] > n or x.shape[-1] != dim:
+            raise ValueError(f"expected tokens of shape (..., N <= {n}, {dim}), got {tuple(x.shape)}")
+        return x + self.weight[: x.shape[-2]]
