@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from companion.runtime import quick
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
 
     train = sub.add_parser("train", help="train a model with the book's recipe and report accuracy")
-    train.add_argument("what", choices=["cnn"])
+    train.add_argument("what", choices=["cnn", "vit", "llm"])
     train.add_argument("--quick", action="store_true", help="small subset and few epochs (also COMPANION_QUICK=1)")
     train.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
     train.add_argument("--data", default=None, help="data root (default: $COMPANION_DATA or the user cache)")
@@ -31,9 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
         getattr(benchmarks, f"bench_{args.what}")(device=args.device)
     else:
-        from companion import recipes
-
-        getattr(recipes, f"train_{args.what}")(
+        module = {"cnn": "companion.recipes", "vit": "companion.recipe_vit", "llm": "companion.recipe_llm"}[args.what]
+        getattr(importlib.import_module(module), f"train_{args.what}")(
             quick=args.quick or quick(), epochs=args.epochs, root=args.data, seed=args.seed, save=args.save
         )
     return 0
