@@ -1,0 +1,113 @@
+"""Helpers shared by every model of the book: parameter and FLOP counts, a layer summary, saving weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_flops", "count_parameters", "format_table", "load_weights", "save_weights", "summary"]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters of ``model`` (only those with ``requires_grad`` if ``trainable_only``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    if len(input_shape) < 2 or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be a batch shape such as (1, 3, 32, 32), got {tuple(input_shape)}")
+    p = next(model.parameters(), None)
+    return torch.randn(*input_shape, device=p.device if p is not None else "cpu")
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32)) -> int:
+    """Floating-point operations of one forward pass *per example* (a multiply-add counts as 2 FLOPs)."""
+    x = _example_input(model, input_shape)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // input_shape[0]
+
+
+@torch.no_grad()
+def summary(
+    model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32)
+) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """Rows ``(layer name, layer type, output shape, parameters)`` of every leaf-module call of one forward pass.
+
+    A module called twice (e.g. a shared pooling layer) gets a row per call; its parameters count once,
+    so the last column sums to ``count_parameters(model)`` (for models whose parameters all sit in leaves).
+    """
+    names = {module: name for name, module in model.named_modules()}
+    rows: list[tuple[str, str, tuple[int, ...], int]] = []
+    seen: set[nn.Module] = set()
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        params = 0 if module in seen else sum(p.numel() for p in module.parameters(recurse=False))
+        seen.add(module)
+        rows.append((names[module], type(module).__name__, tuple(output.shape), params))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        model(_example_input(model, input_shape))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def format_table(rows: Sequence[Sequence], headers: Sequence[str] | None = None) -> str:
+    """A plain-text table with left-aligned text columns and right-aligned numbers (ints get thousands commas)."""
+    headers = list(headers) if headers is not None else ["layer", "type", "output shape", "params"]
+    if any(len(r) != len(headers) for r in rows):
+        raise ValueError(f"every row needs {len(headers)} cells, one per header {headers}")
+
+    def cell(v: object) -> str:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return str(v)
+        return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
+
+    text = [[cell(v) for v in r] for r in rows]
+    numeric = [
+        all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows) for i in range(len(headers))
+    ]
+    width = [max([len(h)] + [len(t[i]) for t in text]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, width, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in width])] + [line(t) for t in text])
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model.state_dict()`` (parameters and buffers) to a ``.safetensors`` file."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # channels_last -> dense
+    save_file(state, os.fspath(path))
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights written by ``save_weights`` into ``model`` (same architecture, strict) and return it."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file at {path}; write one with save_weights(model, path)")
+    p = next(model.parameters(), None)
+    state = load_file(os.fspath(path), device=str(p.device) if p is not None else "cpu")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"the weights in {path} do not fit this model (another architecture or size?): {err}") from err
+    return model

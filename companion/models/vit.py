@@ -1,0 +1,214 @@
+"""The Vision Transformer (Dosovitskiy et al., 2021), sized for 32x32 images.
+
+An image is cut into ``patch_size x patch_size`` patches, each patch is flattened and projected to a
+``dim``-vector (``PatchEmbedding``), a learned class token is prepended, position embeddings are
+added, and a stack of pre-norm Transformer encoder blocks (``EncoderBlock``, built on
+``companion.attention.MultiHeadAttention``) mixes the tokens. The class token (or the mean of the
+patch tokens) goes through a final LayerNorm and a linear head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from companion.attention import MultiHeadAttention, sinusoidal_position_encoding_2d
+
+__all__ = ["EncoderBlock", "PatchEmbedding", "ViT", "attention_rollout"]
+
+
+class PatchEmbedding(nn.Module):
+    """Cut (B, C, H, W) images into non-overlapping p x p patches and project each one: (B, N, dim).
+
+    The projection is one matrix product, ``tokens = patches @ W^T + b`` with ``W`` of shape
+    (dim, C * p * p); the patches are flattened channel first, then row, then column, the order of
+    ``torch.nn.functional.unfold`` and of a ``Conv2d`` kernel, so ``to_conv()`` gives the equal
+    strided convolution.
+    """
+
+    def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, dim: int = 192) -> None:
+        super().__init__()
+        if patch_size < 1 or image_size % patch_size != 0:
+            divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
+            raise ValueError(
+                f"patch_size={patch_size} does not divide image_size={image_size}: the patches must tile the "
+                f"image exactly; choose patch_size from {divisors}"
+            )
+        self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Linear(in_channels * patch_size**2, dim)
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) images -> (B, N, C * p * p) flattened patches, in row-major patch order."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
+            hint = "; add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""
+            raise ValueError(
+                f"this model was built for images of shape (B, {self.in_channels}, {self.image_size}, "
+                f"{self.image_size}), got {tuple(x.shape)}{hint}; resize the images or build the model "
+                f"with image_size={x.shape[-1]}"
+            )
+        B, C, _, _ = x.shape
+        p, g = self.patch_size, self.grid_size
+        x = x.reshape(B, C, g, p, g, p)  # (B, C, row, i, col, j)
+        x = x.permute(0, 2, 4, 1, 3, 5)  # (B, row, col, C, i, j)
+        return x.reshape(B, g * g, C * p * p)  # (B, N, C * p * p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, N, dim) patch tokens."""
+        return self.proj(self.patchify(x))  # (B, N, dim)
+
+    def to_conv(self) -> nn.Conv2d:
+        """The same map as a ``Conv2d`` with kernel size = stride = patch size (a copy of the weights)."""
+        p = self.patch_size
+        conv = nn.Conv2d(self.in_channels, self.proj.out_features, kernel_size=p, stride=p)
+        conv = conv.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.proj.weight.view(-1, self.in_channels, p, p))
+            conv.bias.copy_(self.proj.bias)
+        return conv
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm Transformer encoder block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))`` with a GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = MultiHeadAttention(dim, heads, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, N, dim) -> (B, N, dim), and with ``return_attention`` the weights (B, heads, N, N)."""
+        out = self.attn(self.norm1(x), return_weights=return_attention)
+        if return_attention:
+            out, weights = out  # weights (B, heads, N, N)
+        x = x + self.dropout(out)  # (B, N, dim)
+        x = x + self.mlp(self.norm2(x))  # (B, N, dim)
+        return (x, weights) if return_attention else x
+
+    @classmethod
+    def from_torch(cls, layer: nn.TransformerEncoderLayer) -> EncoderBlock:
+        """An EncoderBlock holding a copy of the weights of a pre-norm, GELU, batch-first ``nn.TransformerEncoderLayer``."""
+        problems = []
+        if not layer.norm_first:
+            problems.append("norm_first=True (ours is pre-norm)")
+        if not layer.self_attn.batch_first:
+            problems.append("batch_first=True")
+        if layer.activation is not F.gelu and not isinstance(layer.activation, nn.GELU):
+            problems.append("activation='gelu'")
+        if problems:
+            raise ValueError(f"EncoderBlock.from_torch needs a TransformerEncoderLayer built with {', '.join(problems)}")
+        dim, mlp_dim = layer.linear1.in_features, layer.linear1.out_features
+        block = cls(dim, layer.self_attn.num_heads, mlp_dim, dropout=layer.dropout.p, eps=layer.norm1.eps)
+        block = block.to(device=layer.linear1.weight.device, dtype=layer.linear1.weight.dtype)
+        block.attn = MultiHeadAttention.from_torch(layer.self_attn)
+        block.norm1.load_state_dict(layer.norm1.state_dict())
+        block.norm2.load_state_dict(layer.norm2.state_dict())
+        block.mlp[0].load_state_dict(layer.linear1.state_dict())
+        block.mlp[3].load_state_dict(layer.linear2.state_dict())
+        return block
+
+
+class ViT(nn.Module):
+    """Vision Transformer: patch embedding, class token, position embedding, ``depth`` encoder blocks, head.
+
+    ``pool='cls'`` classifies from the class token, ``pool='mean'`` from the mean of the patch tokens
+    (no class token then). ``pos_embedding='learned'`` trains one vector per token; ``'sincos'`` adds
+    the fixed 2-D sinusoidal encoding of the patch grid.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 4,
+        dim: int = 192,
+        depth: int = 6,
+        heads: int = 3,
+        mlp_ratio: float = 2.0,
+        num_classes: int = 10,
+        pool: str = "cls",
+        pos_embedding: str = "learned",
+        in_channels: int = 3,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if pool not in {"cls", "mean"}:
+            raise ValueError(f"pool must be 'cls' (class token) or 'mean' (average of the patch tokens), got {pool!r}")
+        if pos_embedding not in {"learned", "sincos"}:
+            raise ValueError(f"pos_embedding must be 'learned' or 'sincos', got {pos_embedding!r}")
+        if heads < 1 or dim % heads != 0:
+            divisors = [h for h in range(1, dim + 1) if dim % h == 0]
+            raise ValueError(
+                f"dim={dim} is not divisible by heads={heads}: each head gets dim // heads channels; "
+                f"choose heads from {divisors}"
+            )
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1 encoder block, got {depth}")
+        self.pool = pool
+        self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, dim)
+        num_tokens = self.patch_embed.num_patches + (1 if pool == "cls" else 0)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        if pos_embedding == "learned":
+            self.pos_embedding = nn.Parameter(torch.empty(num_tokens, dim))
+            nn.init.trunc_normal_(self.pos_embedding, std=0.02, a=-0.04, b=0.04)
+        else:
+            g = self.patch_embed.grid_size
+            grid = sinusoidal_position_encoding_2d(g, g, dim)  # (N, dim); the class token gets no position
+            self.register_buffer("pos_embedding", torch.cat([torch.zeros(num_tokens - g * g, dim), grid]))
+        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, round(mlp_ratio * dim), dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.head.weight)  # start from uniform predictions (Beyer et al., 2022)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """(B, C, H, W) images -> (B, num_classes) logits, and with ``return_attention`` a list of (B, heads, T, T) per block."""
+        x = self.patch_embed(x)  # (B, N, dim)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, T = 1 + N, dim)
+        x = x + self.pos_embedding  # (B, T, dim)
+        attentions = []
+        for block in self.blocks:
+            if return_attention:
+                x, weights = block(x, return_attention=True)
+                attentions.append(weights)  # (B, heads, T, T)
+            else:
+                x = block(x)  # (B, T, dim)
+        x = self.norm(x)
+        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)  # (B, dim)
+        logits = self.head(x)  # (B, num_classes)
+        return (logits, attentions) if return_attention else logits
+
+
+def attention_rollout(attentions: list[Tensor], residual: bool = True) -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each output token draws on each input token.
+
+    ``attentions``: per-layer weights (B, heads, T, T). Heads are averaged; with ``residual`` the
+    identity is added for the skip connection and rows renormalised, ``A = 0.5 * W + 0.5 * I``;
+    the layers are then multiplied, ``R = A_L ... A_2 A_1``. Returns (B, T, T).
+    """
+    if not attentions:
+        raise ValueError("attention_rollout needs the weights of at least one layer")
+    rollout = None
+    for weights in attentions:
+        if weights.ndim != 4 or weights.shape[-1] != weights.shape[-2]:
+            raise ValueError(f"each layer's weights must have shape (B, heads, T, T), got {tuple(weights.shape)}")
+        a = weights.mean(dim=1)  # (B, T, T): heads averaged
+        if residual:
+            a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+            a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout  # (B, T, T)
+    return rollout

@@ -1,0 +1,260 @@
+"""Chapter 6: the frozen text encoder (offline load, cache, clear errors), prompt ensembling, the cosine-logit
+head, and the caption decoder (shapes, causality, greedy decoding, learning a toy captioning task)."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from companion import llm
+from companion.data import CIFAR10_CLASSES
+from companion.llm import (
+    TEMPLATES,
+    CaptionDecoder,
+    CNNEncoder,
+    CosineClassifier,
+    ImageTextClassifier,
+    TextEncoder,
+    WordVocab,
+    class_embeddings,
+    ensemble,
+    text_to_label,
+    train_captioner,
+)  # fmt: skip
+from companion.models import FastCNN
+from companion.recipe_llm import LLM_RECIPE, llm_data, train_linear_baseline, train_llm
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is faster, and avoids thread thrashing on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")  # the default model must load with downloads switched off
+        return TextEncoder()
+
+
+def test_text_encoder_offline_load_and_unit_norm(encoder: TextEncoder) -> None:
+    emb = encoder.encode(["a photo of a cat.", "a photo of a truck.", "a picture of a kitten.", ""])
+    assert emb.shape == (4, 384) and emb.dtype == torch.float32 and encoder.dim == 384
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(4))
+    # a pretrained model, not a random one: a kitten is nearer a cat than a truck is
+    assert emb[0] @ emb[2] > emb[1] @ emb[2] + 0.2
+
+
+def test_text_encoder_caches_each_string(encoder: TextEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = encoder.encode(["a photo of a dog.", "a photo of a dog."])
+    torch.testing.assert_close(first[0], first[1])
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached string was encoded again")
+
+    monkeypatch.setattr(encoder.model, "encode", fail)
+    torch.testing.assert_close(encoder.encode(["a photo of a dog."]), first[:1])
+    assert encoder.encode([]).shape == (0, encoder.dim)
+
+
+def test_text_encoder_rejects_a_bare_string(encoder: TextEncoder) -> None:
+    with pytest.raises(ValueError, match="list of strings"):
+        encoder.encode("a photo of a cat.")
+
+
+@pytest.mark.parametrize("name", ["no such model!", "a/b/c", "-bad-"])
+def test_unknown_model_name_is_a_clear_error(name: str) -> None:
+    with pytest.raises(ValueError, match="unknown text model name"):
+        TextEncoder(name)
+
+
+def test_unknown_model_name_online_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def not_found(name: str, timeout: float) -> None:
+        raise RepositoryNotFoundError("404", response=types.SimpleNamespace(headers={}, request=None))
+
+    monkeypatch.setattr(llm, "_hub_offline", lambda: False)
+    monkeypatch.setattr("huggingface_hub.model_info", not_found)
+    with pytest.raises(ValueError, match="unknown text model name 'nobody/no-such-model'.*no such model"):
+        TextEncoder("nobody/no-such-model")
+
+
+def test_model_that_needs_a_download_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="needs a download.*HF_HUB_OFFLINE"):
+        TextEncoder("sentence-transformers/all-mpnet-base-v2")
+
+
+def test_model_that_needs_a_download_without_network_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(name: str, timeout: float) -> None:
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(llm, "_hub_offline", lambda: False)
+    monkeypatch.setattr("huggingface_hub.model_info", no_network)
+    with pytest.raises(ValueError, match="needs a download.*cannot be reached"):
+        TextEncoder("sentence-transformers/all-mpnet-base-v2")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ensemble_is_the_renormalised_mean_of_unit_vectors(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    c, t, d = (int(v) for v in torch.randint(1, 12, (3,), generator=g))
+    emb = torch.randn(c, t, d, generator=g) * torch.rand(c, t, 1, generator=g) * 5  # arbitrary norms
+    out = ensemble(emb)
+    for i in range(c):
+        mean = sum(emb[i, j] / emb[i, j].norm() for j in range(t)) / t
+        torch.testing.assert_close(out[i], mean / mean.norm())
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(c))
+    with pytest.raises(ValueError, match="classes, templates, D"):
+        ensemble(emb[0])
+
+
+def test_class_embeddings_ensemble_the_prompts(encoder: TextEncoder) -> None:
+    classes, templates = ["cat", "truck"], TEMPLATES[:3]
+    out = class_embeddings(encoder, classes, templates)
+    by_hand = torch.stack([F.normalize(encoder.encode([t.format(c) for t in templates]).mean(0), dim=0) for c in classes])
+    torch.testing.assert_close(out, by_hand)
+    single = class_embeddings(encoder, classes, ["a photo of a {}."])
+    torch.testing.assert_close(single, encoder.encode(["a photo of a cat.", "a photo of a truck."]))
+    with pytest.raises(ValueError, match="exactly one '{}'"):
+        class_embeddings(encoder, classes, ["a photo"])
+
+
+def test_text_to_label_maps_captions_to_the_nearest_class(encoder: TextEncoder) -> None:
+    class_emb = class_embeddings(encoder, CIFAR10_CLASSES)
+    captions = ["a blurry photo of a cat.", "a photo of the big truck.", "a good photo of a ship.", "a frog"]
+    assert text_to_label(encoder, captions, class_emb).tolist() == [3, 9, 8, 6]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cosine_head_is_scaled_cosine_similarity(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    b, f, c, d = (int(v) for v in torch.randint(1, 20, (4,), generator=g))
+    text = torch.randn(c, d, generator=g)
+    head = CosineClassifier(f, text, init_temperature=0.05 + 0.1 * torch.rand(1, generator=g).item())
+    x = torch.randn(b, f, generator=g)
+    z = head.proj(x)
+    by_hand = torch.stack([torch.stack([F.cosine_similarity(z[i], text[j], dim=0) for j in range(c)]) for i in range(b)])
+    torch.testing.assert_close(head(x), head.logit_scale.exp() * by_hand, rtol=1e-5, atol=1e-5)
+    assert head(x).abs().max() <= head.logit_scale.exp() + 1e-4
+    assert "text" not in dict(head.named_parameters())  # the text embeddings are locked
+    head(x).logsumexp(1).sum().backward()
+    assert head.logit_scale.grad is not None and head.proj.weight.grad is not None
+
+
+def test_cosine_head_clamps_the_scale_and_swaps_classes() -> None:
+    head = CosineClassifier(8, torch.randn(10, 16), init_temperature=1e-4)  # scale 10,000 -> clamped at 100
+    x = torch.randn(3, 8)
+    assert head(x).abs().max() <= 100 + 1e-3
+    head.set_classes(torch.randn(2, 16))
+    assert head(x).shape == (3, 2)
+    with pytest.raises(ValueError, match=r"\(classes, 16\)"):
+        head.set_classes(torch.randn(2, 15))
+    with pytest.raises(ValueError, match="classes, D"):
+        CosineClassifier(8, torch.randn(16))
+
+
+def test_cnn_encoder_is_the_fastcnn_body() -> None:
+    torch.manual_seed(0)
+    cnn = FastCNN((8, 16, 32)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    enc = CNNEncoder(cnn)
+    torch.testing.assert_close(cnn.head(enc(x)) * cnn.logit_scale, cnn(x))
+    assert enc.feature_map(x).shape == (4, 32, 3, 3)
+    model = ImageTextClassifier(cnn, torch.randn(10, 24))
+    assert model(x).shape == (4, 10)
+    torch.testing.assert_close(model.embed(x).norm(dim=1), torch.ones(4))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        enc(torch.randn(3, 32, 32))
+
+
+def test_vocab_round_trip_and_errors() -> None:
+    vocab = WordVocab([t.format(c) for c in CIFAR10_CLASSES for t in TEMPLATES])
+    texts = ["a photo of a cat.", "a black and white photo of the big truck."]
+    ids = vocab.encode(texts)
+    assert ids.shape == (2, 12) and ids[0, 0] == vocab.BOS and ids[0, 7] == vocab.EOS and ids[0, 8:].eq(vocab.PAD).all()
+    assert vocab.decode(ids) == texts
+    with pytest.raises(ValueError, match=r"\['kitten'\].*not in the vocabulary"):
+        vocab.encode(["a photo of a kitten."])
+    with pytest.raises(ValueError, match="max_len"):
+        vocab.encode(texts, max_len=5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_caption_decoder_shapes_and_causality(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    b, t, v = (int(x) for x in torch.randint(1, 10, (3,), generator=g))
+    v += 3
+    c, h, w = int(torch.randint(1, 40, (1,), generator=g)), *(int(x) for x in torch.randint(1, 5, (2,), generator=g))
+    dec = CaptionDecoder(v, c, dim=16, depth=2, num_heads=int(torch.randint(1, 3, (1,), generator=g)) * 2, max_len=12).eval()
+    fmap = torch.randn(b, c, h, w, generator=g)
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    logits = dec(fmap, tokens)
+    assert logits.shape == (b, t, v)
+    later = tokens.clone()
+    later[:, -1] = (later[:, -1] + 1) % v  # changing the last word must not change earlier predictions
+    torch.testing.assert_close(dec(fmap, later)[:, :-1], logits[:, :-1])
+    other = dec(fmap.roll(1, dims=0), tokens) if b > 1 else dec(fmap + 1, tokens)
+    assert not torch.allclose(other, logits)  # the words do look at the image
+    out = dec.generate(fmap, max_len=9)
+    assert out.shape[0] == b and 2 <= out.shape[1] <= 9 and out[:, 0].eq(WordVocab.BOS).all()
+    for row in out.tolist():  # after the first <eos> nothing but <eos>
+        if WordVocab.EOS in row:
+            assert set(row[row.index(WordVocab.EOS) :]) == {WordVocab.EOS}
+    with pytest.raises(ValueError, match="max_len=12"):
+        dec(fmap, torch.zeros(b, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
+        dec(fmap[0], tokens)
+
+
+def test_caption_decoder_learns_to_name_the_class() -> None:
+    torch.manual_seed(0)
+    classes = ["cat", "dog", "ship"]
+    templates = ["a photo of a {}.", "a blurry photo of the {}."]
+    vocab = WordVocab([t.format(c) for c in classes for t in templates])
+    captions = torch.stack([vocab.encode([t.format(c) for t in templates], max_len=9) for c in classes])  # (3, 2, 8)
+    labels = torch.arange(3).repeat(100)
+    prototypes = torch.randn(3, 16, 2, 2)
+    fmaps = prototypes[labels] + 0.3 * torch.randn(300, 16, 2, 2)
+    dec = CaptionDecoder(len(vocab), 16, dim=32, depth=1, num_heads=2, max_len=9)
+    losses = train_captioner(dec, fmaps, labels, captions, epochs=8, batch_size=32, lr=3e-3, progress=False)
+    assert losses[-1] < 0.5 * losses[0]
+    words = [text.split()[-1].rstrip(".") for text in vocab.decode(dec.generate(prototypes))]
+    assert words == classes
+
+
+def _fake_cifar(root) -> None:
+    """A tiny ImageFolder copy of CIFAR-10 (4 train and 2 test images per class) with class-dependent colours."""
+    rng = np.random.default_rng(0)
+    for split, n in [("train", 4), ("test", 2)]:
+        for label, name in enumerate(CIFAR10_CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (32, 32, 3)) + 19 * label
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
+
+
+def test_recipe_trains_on_the_chosen_classes_only(tmp_path, encoder: TextEncoder, capsys) -> None:
+    _fake_cifar(tmp_path)
+    recipe = replace(LLM_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, batch_size=4)
+    train, test, seen = llm_data(recipe, quick=True, root=tmp_path, classes=("cat", "truck"))
+    assert sorted(seen.unique().tolist()) == [3, 9] and set(train.labels.tolist()) == {0, 1} and len(test.labels) == 4
+    result = train_llm(quick=True, epochs=1, root=tmp_path, recipe=recipe, encoder=encoder, classes=("dog", "ship", "frog"), progress=False)
+    assert "test accuracy" in capsys.readouterr().out
+    assert sorted(result["train_labels_cifar10"].unique().tolist()) == [5, 6, 8] and result["model"].head.text.shape == (3, 384)
+    baseline = train_linear_baseline(quick=True, epochs=1, root=tmp_path, recipe=recipe, progress=False, verbose=False)
+    assert baseline["model"].head.out_features == 10 and baseline["params"] < result["params"]
+    with pytest.raises(ValueError, match="distinct CIFAR-10 class names"):
+        llm_data(recipe, quick=True, root=tmp_path, classes=("cat", "kitten"))
