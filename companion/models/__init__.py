@@ -9,5 +9,5 @@ from companion.models.common import (  # noqa: F401
     save_weights,
     summary,
 )
-from companion.models.sagan import SelfAttention2d, AttentionCNN  # noqa: F401
-from companion.models.vit import ViT, PatchEmbedding, EncoderBlock  # noqa: F401
+from companion.models.sagan import AttentionCNN, SelfAttention2d  # noqa: F401
+from companion.models.vit import EncoderBlock, PatchEmbedding, ViT  # noqa: F401
