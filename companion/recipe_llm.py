@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from companion.data import CIFAR10_CLASSES, DeviceLoader, load_cifar10
 from companion.llm import TEMPLATES, ImageTextClassifier, TextEncoder, class_embeddings
-from companion.models.cnn import FastCNN
 from companion.models.common import count_parameters, save_weights
-from companion.recipes import CNNRecipe, make_cnn
-from companion.runtime import device as best_device
+from companion.recipes import CNNRecipe, fit_recipe, make_cnn, report, whitening_batch
 from companion.runtime import seed_everything
-from companion.train import evaluate, fit
 
-__all__ = ["LLM_RECIPE", "LLMRecipe", "llm_data", "train_linear_baseline", "train_llm", "whitening_batch"]
+__all__ = ["LLM_RECIPE", "LLMRecipe", "llm_data", "train_linear_baseline", "train_llm"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +39,6 @@ class LLMRecipe(CNNRecipe):
 LLM_RECIPE = LLMRecipe()
 
 
-def whitening_batch(train: DeviceLoader, n: int = 5_000) -> torch.Tensor:
-    """The first ``n`` training images, normalised, on the loader's device (for FastCNN's whitened stem)."""
-    n = min(n, len(train.labels))
-    return next(iter(DeviceLoader(train.images[:n], train.labels[:n], n, device=train.device)))[0]
-
-
 def llm_data(
     recipe: LLMRecipe = LLM_RECIPE, quick: bool = False, root: str | os.PathLike | None = None, seed: int = 0,
     classes: Sequence[str] = CIFAR10_CLASSES,
@@ -65,7 +56,7 @@ def llm_data(
     relabel[keep] = torch.arange(len(keep))
     loaders = []
     for train in (True, False):
-        n = recipe.quick_n_train if quick and train else recipe.quick_n_test if quick else recipe.n_train if train else recipe.n_test
+        n = (recipe.quick_n_train if quick else recipe.n_train) if train else (recipe.quick_n_test if quick else recipe.n_test)
         x, y = load_cifar10(train=train, root=root, subset=n)
         mask = torch.isin(y, keep)
         x, y_orig = x[mask], y[mask]
@@ -92,35 +83,20 @@ def _train(
     seed_everything(seed)  # the same initial CNN body for both heads
     if head == "text":
         encoder = encoder if encoder is not None else TextEncoder(recipe.text_model)
-        model = ImageTextClassifier(make_cnn(recipe, whiten), class_embeddings(encoder, classes, recipe.templates), recipe.init_temperature)
+        model = ImageTextClassifier(
+            make_cnn(recipe, whiten), class_embeddings(encoder, classes, recipe.templates), recipe.init_temperature
+        )
     else:
-        model = FastCNN(recipe.widths, recipe.depth_per_stage, num_classes=len(classes), batch_norm=recipe.batch_norm)
-        if recipe.whiten:
-            model.whiten(whiten)
-        model = model.to(memory_format=torch.channels_last)
+        model = make_cnn(recipe, whiten, num_classes=len(classes))
     model = model.to(train.device)
-    history = fit(
-        model, train, test, epochs=epochs, optimizer=recipe.optimizer, lr=recipe.lr,
-        weight_decay=recipe.weight_decay, schedule=recipe.schedule, warmup=recipe.warmup,
-        label_smoothing=recipe.label_smoothing, progress=progress,
-    )  # fmt: skip
-    _, acc_tta = evaluate(model, test, tta_flip=True)
-    return {
-        "test_acc": history.test_acc[-1],
-        "test_acc_tta": acc_tta,
-        "train_seconds": history.total_seconds,
-        "device": history.device or str(best_device()),
-        "threads": torch.get_num_threads(),
-        "epochs": epochs,
-        "n_train": len(train.labels),
-        "params": count_parameters(model, trainable_only=True),
-        "classes": list(classes),
-        "train_labels_cifar10": seen.cpu(),
-        "recipe": asdict(recipe),
-        "model": model,
-        "history": history,
-        "test": test,
-    }
+    result = fit_recipe(model, train, test, recipe, len(train.labels), progress)
+    result.update(
+        params=count_parameters(model, trainable_only=True),
+        classes=list(classes),
+        train_labels_cifar10=seen.cpu(),
+        test=test,
+    )
+    return result
 
 
 def train_llm(
@@ -148,14 +124,8 @@ def train_llm(
     if save is not None:
         save_weights(model, save)
     if verbose:
-        mode = "quick" if quick else "full"
-        print(
-            f"FastCNN{recipe.widths} + cosine head over {len(classes)} class-text embeddings ({mode}, {result['epochs']} epochs, "
-            f"{result['n_train']:,} training images): test accuracy {result['test_acc']:.4f}, with flip-TTA "
-            f"{result['test_acc_tta']:.4f} | temperature {result['temperature']:.4f} | training {result['train_seconds']:.1f} s | "
-            f"device {result['device']} | torch threads {result['threads']}"
-            + (f" | weights saved to {save}" if save is not None else "")
-        )
+        title = f"FastCNN{recipe.widths} + cosine head over {len(classes)} class-text embeddings (temperature {result['temperature']:.4f})"
+        report(title, result, quick, save)
     return result
 
 
@@ -172,9 +142,5 @@ def train_linear_baseline(
     """The same CNN, data, seed and budget as :func:`train_llm`, with FastCNN's ordinary linear head."""
     result = _train("linear", quick, epochs, root, seed, recipe, None, classes, progress)
     if verbose:
-        print(
-            f"FastCNN{recipe.widths} + linear head ({'quick' if quick else 'full'}, {result['epochs']} epochs, "
-            f"{result['n_train']:,} training images): test accuracy {result['test_acc']:.4f}, with flip-TTA "
-            f"{result['test_acc_tta']:.4f} | training {result['train_seconds']:.1f} s"
-        )
+        report(f"FastCNN{recipe.widths} + linear head", result, quick)
     return result

@@ -11,15 +11,16 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from companion.data import DeviceLoader, load_cifar10
 from companion.models.cnn import FastCNN
 from companion.models.common import save_weights
 from companion.runtime import device as best_device
 from companion.runtime import seed_everything
-from companion.train import evaluate, fit
+from companion.train import Batches, evaluate, fit
 
-__all__ = ["CNN_RECIPE", "CNNRecipe", "cnn_data", "make_cnn", "train_cnn"]
+__all__ = ["CNN_RECIPE", "CNNRecipe", "cnn_data", "fit_recipe", "make_cnn", "report", "train_cnn", "whitening_batch"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,11 @@ class CNNRecipe:
 CNN_RECIPE = CNNRecipe()
 
 
-def make_cnn(recipe: CNNRecipe = CNN_RECIPE, whiten_images: torch.Tensor | None = None) -> FastCNN:
+def make_cnn(
+    recipe: CNNRecipe = CNN_RECIPE, whiten_images: torch.Tensor | None = None, num_classes: int = 10
+) -> FastCNN:
     """Build the recipe's FastCNN; with ``recipe.whiten``, set its stem from ``whiten_images`` (normalised)."""
-    model = FastCNN(recipe.widths, recipe.depth_per_stage, batch_norm=recipe.batch_norm)
+    model = FastCNN(recipe.widths, recipe.depth_per_stage, num_classes=num_classes, batch_norm=recipe.batch_norm)
     if recipe.whiten:
         if whiten_images is None:
             raise ValueError("recipe.whiten=True needs whiten_images: a normalised batch of training images")
@@ -74,6 +77,50 @@ def cnn_data(
     return train, test
 
 
+def whitening_batch(train: DeviceLoader, n: int = 5_000) -> torch.Tensor:
+    """The first ``n`` training images, normalised, on the loader's device (for FastCNN's whitened stem)."""
+    n = min(n, len(train.labels))
+    return next(iter(DeviceLoader(train.images[:n], train.labels[:n], n, device=train.device)))[0]
+
+
+def fit_recipe(
+    model: nn.Module, train: Batches, test: DeviceLoader, recipe: Any, n_train: int, progress: bool = True
+) -> dict[str, Any]:
+    """Train ``model`` with the recipe's optimiser, schedule and epochs, evaluate with flip-TTA, return the figures.
+
+    The dict holds ``test_acc``, ``test_acc_tta``, ``train_seconds``, ``device``, ``threads``, ``epochs``,
+    ``n_train``, ``recipe`` (as a dict), and the trained ``model`` and its ``history``.
+    """
+    history = fit(
+        model, train, test, epochs=recipe.epochs, optimizer=recipe.optimizer, lr=recipe.lr,
+        weight_decay=recipe.weight_decay, schedule=recipe.schedule, warmup=recipe.warmup,
+        label_smoothing=recipe.label_smoothing, grad_clip=getattr(recipe, "grad_clip", None), progress=progress,
+    )  # fmt: skip
+    _, acc_tta = evaluate(model, test, tta_flip=True)
+    return {
+        "test_acc": history.test_acc[-1],
+        "test_acc_tta": acc_tta,
+        "train_seconds": history.total_seconds,
+        "device": history.device or str(best_device()),
+        "threads": torch.get_num_threads(),
+        "epochs": recipe.epochs,
+        "n_train": n_train,
+        "recipe": asdict(recipe),
+        "model": model,
+        "history": history,
+    }
+
+
+def report(title: str, result: dict[str, Any], quick: bool, save: str | os.PathLike | None = None) -> None:
+    """Print one line: what ran, its accuracy, time and hardware (and where the weights were saved, if they were)."""
+    print(
+        f"{title} ({'quick' if quick else 'full'}, {result['epochs']} epochs, {result['n_train']:,} training images): "
+        f"test accuracy {result['test_acc']:.4f}, with flip-TTA {result['test_acc_tta']:.4f} | "
+        f"training {result['train_seconds']:.1f} s | device {result['device']} | torch threads {result['threads']}"
+        + (f" | weights saved to {save}" if save is not None else "")
+    )
+
+
 def train_cnn(
     quick: bool = False,
     epochs: int | None = None,
@@ -86,45 +133,17 @@ def train_cnn(
 ) -> dict[str, Any]:
     """Train the recipe's FastCNN on CIFAR-10 and report test accuracy (plain and with flip-TTA) and time.
 
-    Returns a dict with ``test_acc``, ``test_acc_tta``, ``train_seconds``, ``device``, ``threads``,
-    ``epochs``, ``n_train``, ``recipe`` (as a dict), and the trained ``model`` and its ``history``.
+    Returns :func:`fit_recipe`'s dict; ``save`` writes the weights to a ``.safetensors`` file.
     """
     if epochs is None:
         epochs = recipe.quick_epochs if quick else recipe.epochs
     recipe = replace(recipe, epochs=epochs)
     seed_everything(seed)
     train, test = cnn_data(recipe, quick=quick, root=root, seed=seed)
-    n_whiten = min(5_000, len(train.labels))
-    whiten_images = next(
-        iter(DeviceLoader(train.images[:n_whiten], train.labels[:n_whiten], n_whiten, device=train.device))
-    )[0]
-    model = make_cnn(recipe, whiten_images).to(train.device)
-    history = fit(
-        model, train, test, epochs=epochs, optimizer=recipe.optimizer, lr=recipe.lr,
-        weight_decay=recipe.weight_decay, schedule=recipe.schedule, warmup=recipe.warmup,
-        label_smoothing=recipe.label_smoothing, progress=progress,
-    )  # fmt: skip
-    _, acc_tta = evaluate(model, test, tta_flip=True)
-    result = {
-        "test_acc": history.test_acc[-1],
-        "test_acc_tta": acc_tta,
-        "train_seconds": history.total_seconds,
-        "device": history.device or str(best_device()),
-        "threads": torch.get_num_threads(),
-        "epochs": epochs,
-        "n_train": len(train.labels),
-        "recipe": asdict(recipe),
-        "model": model,
-        "history": history,
-    }
+    model = make_cnn(recipe, whitening_batch(train)).to(train.device)
+    result = fit_recipe(model, train, test, recipe, len(train.labels), progress)
     if save is not None:
         save_weights(model, save)
     if verbose:
-        mode = "quick" if quick else "full"
-        print(
-            f"FastCNN{recipe.widths} ({mode}, {epochs} epochs, {len(train.labels):,} training images): "
-            f"test accuracy {result['test_acc']:.4f}, with flip-TTA {acc_tta:.4f} | "
-            f"training {result['train_seconds']:.1f} s | device {result['device']} | torch threads {result['threads']}"
-            + (f" | weights saved to {save}" if save is not None else "")
-        )
+        report(f"FastCNN{recipe.widths}", result, quick, save)
     return result

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["quick", "device", "seed_everything"]
+__all__ = ["device", "quick", "seed_everything"]
 
 
 def quick() -> bool:

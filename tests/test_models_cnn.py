@@ -5,14 +5,11 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from companion.data import CIFAR10_CLASSES
 from companion.models import (
     FastCNN,
     SimpleCNN,
@@ -182,19 +179,8 @@ def test_patch_whitening_decorrelates_patches() -> None:
         patch_whitening(nn.Conv2d(3, 16, 2), images)
 
 
-def _fake_cifar(root) -> None:
-    """A tiny ImageFolder copy of CIFAR-10 (4 train and 2 test images per class) with class-dependent colours."""
-    rng = np.random.default_rng(0)
-    for split, n in [("train", 4), ("test", 2)]:
-        for label, name in enumerate(CIFAR10_CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 60, (32, 32, 3)) + 19 * label
-                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
-
-
-def test_train_cnn_end_to_end(tmp_path, capsys) -> None:
-    _fake_cifar(tmp_path)
+def test_train_cnn_end_to_end(fake_cifar, capsys) -> None:
+    tmp_path = fake_cifar
     recipe = replace(CNN_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=16)
     save = tmp_path / "cnn.safetensors"
     result = train_cnn(quick=True, epochs=2, root=tmp_path, save=save, recipe=recipe, progress=False)
