@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from companion.attention import sinusoidal_position_encoding_2d
-from companion.models import EncoderBlock, PatchEmbedding, ViT
+from companion.models import EncoderBlock, PatchEmbedding, ViT, count_flops, load_weights
 from companion.models.vit import attention_rollout
-from companion.recipe_vit import VIT_RECIPE, VIT_RECIPE_GPU, ErasingLoader, make_vit
+from companion.recipe_vit import VIT_RECIPE, VIT_RECIPE_GPU, ErasingLoader, make_vit, train_vit
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32
 
@@ -101,6 +103,15 @@ def test_vit_shapes_for_several_configurations(seed: int) -> None:
     assert len(attentions) == depth and all(a.shape == (3, heads, tokens, tokens) for a in attentions)
     torch.testing.assert_close(model(x), logits, **TOL)  # the fused path gives the same logits
     assert attention_rollout(attentions).shape == (3, tokens, tokens)
+
+
+def test_count_flops_sees_attention() -> None:
+    model = ViT(image_size=32, patch_size=4, dim=32, depth=2, heads=4).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 32, 32), return_attention=True)  # the readable path: plain matmuls
+    n, dim = 65, 32
+    attention = 2 * 2 * n * n * dim  # per layer: Q K^T and weights @ V, 2 FLOPs per multiply-add
+    assert count_flops(model) == counter.get_total_flops() and count_flops(model) > 2 * attention
 
 
 def test_zero_head_and_position_embeddings() -> None:
@@ -203,3 +214,17 @@ def test_recipes_build_and_train_a_step() -> None:
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first  # it can memorise a small batch
+
+
+def test_train_vit_end_to_end(fake_cifar, tmp_path, capsys) -> None:
+    recipe = replace(VIT_RECIPE, dim=16, depth=1, heads=2, erase=0.5, batch_size=16, quick_n_train=40, quick_n_test=20)
+    save = tmp_path / "vit.safetensors"
+    result = train_vit(quick=True, epochs=2, root=fake_cifar, save=save, recipe=recipe, progress=False)
+    line = capsys.readouterr().out
+    assert line.startswith("ViT cpu recipe (dim 16, depth 1") and "(quick, 2 epochs, 40 training images)" in line
+    assert "flip-TTA" in line and f"weights saved to {save}" in line
+    assert result["n_train"] == 40 and len(result["history"].test_acc) == 2 and result["recipe"]["erase"] == 0.5
+    assert 0 <= result["test_acc"] <= 1 and 0 <= result["test_acc_tta"] <= 1 and result["train_seconds"] > 0
+    reloaded = load_weights(make_vit(recipe), save)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded.eval()(x), result["model"].cpu().eval()(x))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "count_parameters", "format_table", "load_weights", "save_weights", "summary"]
@@ -26,11 +27,14 @@ def _example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32)) -> int:
-    """Floating-point operations of one forward pass *per example* (a multiply-add counts as 2 FLOPs)."""
+    """Floating-point operations of one forward pass *per example* (a multiply-add counts as 2 FLOPs).
+
+    Attention runs on PyTorch's plain (math) path while counting: the counter cannot see inside the fused CPU kernel.
+    """
     x = _example_input(model, input_shape)
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(x)
     model.train(was_training)
     return counter.get_total_flops() // input_shape[0]
