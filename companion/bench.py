@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import platform
+
+import torch
+
+
+def _device_name(dev: torch.device) -> str:
+    """The GPU's name, or on Linux the processor's model name from /proc/cpuinfo."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return name
+
 
 def bench_conv(device: str | None = None, num_threads: int | None = None) -> None:
     """Print the speed of conv2d_naive, conv2d (im2col) and F.conv2d on a few sizes."""
-    import platform
-
-    import torch
     import torch.nn.functional as F
     from torch.utils.benchmark import Timer
 
@@ -15,9 +28,8 @@ def bench_conv(device: str | None = None, num_threads: int | None = None) -> Non
     from companion.runtime import device as best_device
 
     dev = torch.device(device) if device else best_device()
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     threads = num_threads or torch.get_num_threads()
-    print(f"device: {dev} ({name}), torch {torch.__version__}, {threads} CPU threads")
+    print(f"device: {dev} ({_device_name(dev)}), torch {torch.__version__}, {threads} CPU threads")
     print("3x3 convolution, padding 1, float32; median time per call (torch.utils.benchmark, warm-up included)")
     sizes = [(1, 3, 8, 16), (8, 16, 32, 32), (32, 64, 64, 32), (32, 128, 128, 56)]  # (B, C_in, C_out, H=W)
     functions = {"conv2d_naive": conv2d_naive, "conv2d (im2col)": conv2d, "F.conv2d": F.conv2d}
@@ -52,10 +64,7 @@ def bench_attention(
     """Print (and return) time and peak memory of the readable and the fused attention path per sequence length."""
     import contextlib
     import functools
-    import os
-    import platform
 
-    import torch
     from torch.autograd.profiler import profile
     from torch.utils.benchmark import Timer
 
@@ -64,12 +73,6 @@ def bench_attention(
     from companion.runtime import quick
 
     dev = torch.device(device) if device else best_device()
-    name = platform.processor() or platform.machine()
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-    elif os.path.exists("/proc/cpuinfo"):  # Linux: the processor's model name
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     threads = num_threads or torch.get_num_threads()  # CPU threads used while timing
     if lengths is None:
         lengths = (64, 128, 256, 512, 1024) if quick() else (64, 128, 256, 512, 1024, 2048, 4096)
@@ -104,7 +107,7 @@ def bench_attention(
             peak = max(peak, current)
         return peak / 2**20
 
-    print(f"device: {dev} ({name}), torch {torch.__version__}, timed with {threads} CPU thread(s)")
+    print(f"device: {dev} ({_device_name(dev)}), torch {torch.__version__}, timed with {threads} CPU thread(s)")
     print(
         f"self-attention over N tokens, batch {batch_size} x {num_heads} heads, head dim {head_dim}, float32; "
         "median time per call (torch.utils.benchmark, synchronised), peak memory of one call"
@@ -131,3 +134,34 @@ def bench_attention(
             f"{row['readable_mib']:>13.1f} {row['fused_mib']:>10.1f} {row['weights_mib']:>12.1f}"
         )
     return rows
+
+
+def bench_text(device: str | None = None, name: str | None = None, repeats: int = 5) -> list[float]:
+    """Print (and return) the seconds to embed every CIFAR-10 prompt of every template, cache emptied each time."""
+    import statistics
+    import time
+
+    from companion.data import CIFAR10_CLASSES
+    from companion.llm import TEMPLATES, TextEncoder, class_embeddings
+
+    dev = torch.device(device) if device else torch.device("cpu")  # TextEncoder's default device
+    start = time.perf_counter()
+    encoder = TextEncoder(name, device=dev)
+    print(f"device: {dev} ({_device_name(dev)}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"{encoder.name} loaded in {time.perf_counter() - start:.1f} s (not counted below)")
+    class_embeddings(encoder, ["warm-up"], TEMPLATES[:1])  # the first call pays one-off set-up costs
+    seconds = []
+    for _ in range(repeats):
+        encoder._cache.clear()  # embed every prompt again, as on first use
+        start = time.perf_counter()
+        class_embeddings(encoder, CIFAR10_CLASSES, TEMPLATES)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds.append(time.perf_counter() - start)
+    n = len(CIFAR10_CLASSES) * len(TEMPLATES)
+    print(
+        f"{n} prompts ({len(CIFAR10_CLASSES)} classes x {len(TEMPLATES)} templates) embedded and ensembled: "
+        f"median {statistics.median(seconds):.2f} s, best {min(seconds):.2f} s, worst {max(seconds):.2f} s "
+        f"over {repeats} runs"
+    )
+    return seconds

@@ -40,6 +40,7 @@ __all__ = [
     "TextEncoder",
     "WordVocab",
     "class_embeddings",
+    "clip_zero_shot",
     "ensemble",
     "image_embeddings",
     "pca_2d",
@@ -433,3 +434,25 @@ def train_captioner(
 def text_to_label(encoder: TextEncoder, texts: Sequence[str], class_emb: Tensor) -> Tensor:
     """The nearest class (by cosine similarity of text embeddings) for each text: (N,) class indices."""
     return (encoder.encode(texts) @ class_emb.T).argmax(1)
+
+
+@torch.inference_mode()
+def clip_zero_shot(
+    model: nn.Module, processor, images: Tensor, classes: Sequence[str], templates: Sequence[str] = TEMPLATES, batch_size: int = 100
+) -> Tensor:  # fmt: skip
+    """Zero-shot labels from a Hugging Face CLIP model and its processor: uint8 (N, 3, H, W) images -> (N,) class indices."""
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 of shape (N, 3, H, W), as load_cifar10 returns them; got {images.dtype} {tuple(images.shape)}")
+
+    def features(out) -> Tensor:  # transformers < 5 returns the projected features, 5.x an output holding them
+        return out if isinstance(out, Tensor) else out.pooler_output
+
+    prompts = [t.format(c) for c in classes for t in templates]
+    text = features(model.get_text_features(**processor(text=prompts, return_tensors="pt", padding=True)))
+    text = ensemble(text.float().view(len(classes), len(templates), -1))  # (C, D), as class_embeddings does
+    preds = []
+    for i in range(0, len(images), batch_size):
+        batch = processor(images=list(images[i : i + batch_size].permute(0, 2, 3, 1).numpy()), return_tensors="pt")
+        image = F.normalize(features(model.get_image_features(**batch)).float(), dim=-1)  # (B, D)
+        preds.append((image @ text.T).argmax(1))
+    return torch.cat(preds)

@@ -6,11 +6,9 @@ from __future__ import annotations
 import types
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from companion import llm
 from companion.data import CIFAR10_CLASSES
@@ -235,19 +233,8 @@ def test_caption_decoder_learns_to_name_the_class() -> None:
     assert words == classes
 
 
-def _fake_cifar(root) -> None:
-    """A tiny ImageFolder copy of CIFAR-10 (4 train and 2 test images per class) with class-dependent colours."""
-    rng = np.random.default_rng(0)
-    for split, n in [("train", 4), ("test", 2)]:
-        for label, name in enumerate(CIFAR10_CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 60, (32, 32, 3)) + 19 * label
-                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
-
-
-def test_recipe_trains_on_the_chosen_classes_only(tmp_path, encoder: TextEncoder, capsys) -> None:
-    _fake_cifar(tmp_path)
+def test_recipe_trains_on_the_chosen_classes_only(fake_cifar, encoder: TextEncoder, capsys) -> None:
+    tmp_path = fake_cifar
     recipe = replace(LLM_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, batch_size=4)
     train, test, seen = llm_data(recipe, quick=True, root=tmp_path, classes=("cat", "truck"))
     assert sorted(seen.unique().tolist()) == [3, 9] and set(train.labels.tolist()) == {0, 1} and len(test.labels) == 4
@@ -258,3 +245,52 @@ def test_recipe_trains_on_the_chosen_classes_only(tmp_path, encoder: TextEncoder
     assert baseline["model"].head.out_features == 10 and baseline["params"] < result["params"]
     with pytest.raises(ValueError, match="distinct CIFAR-10 class names"):
         llm_data(recipe, quick=True, root=tmp_path, classes=("cat", "kitten"))
+
+
+def test_bench_text_times_every_prompt(capsys, monkeypatch) -> None:
+    from companion.bench import bench_text
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seconds = bench_text(device="cpu", repeats=2)
+    text = capsys.readouterr().out
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert "180 prompts (10 classes x 18 templates)" in text and "median" in text
+
+
+def _tiny_clip(tmp_path):
+    """A randomly initialised, tiny CLIP model and processor built locally (no download): for the code path only."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1} | {t: i + 2 for i, t in enumerate(letters + [c + "</w>" for c in letters])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 64, "eos_token_id": 1, "bos_token_id": 0, "pad_token_id": 1},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return CLIPModel(config).eval(), CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def test_clip_zero_shot_runs_a_hugging_face_clip(tmp_path) -> None:
+    from companion.llm import clip_zero_shot
+
+    model, processor = _tiny_clip(tmp_path)
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    pred = clip_zero_shot(model, processor, images, ["cat", "dog", "ship"], TEMPLATES[:2], batch_size=3)
+    assert pred.shape == (7,) and pred.dtype == torch.long and 0 <= pred.min() and pred.max() < 3
+    with torch.inference_mode():  # the same prediction, written out with CLIP's own forward pass
+        prompts = [t.format(c) for c in ["cat", "dog", "ship"] for t in TEMPLATES[:2]]
+        out = model(**processor(text=prompts, images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt", padding=True))
+        text = F.normalize(out.text_embeds.view(3, 2, -1).mean(1), dim=-1)
+    assert torch.equal(pred, (out.image_embeds @ text.T).argmax(1))
+    with pytest.raises(ValueError, match="uint8 of shape"):
+        clip_zero_shot(model, processor, images.float(), ["cat"], TEMPLATES[:1])
