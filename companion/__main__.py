@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="print speed figures (benchmarks, not tests)")
     bench.add_argument("what", choices=["conv", "attention", "text"])
-    bench.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available; cpu for the text encoder)")
+    bench.add_argument(
+        "--device", default=None, help="cpu, cuda or mps (default: the best available; cpu for the text encoder)"
+    )
 
     train = sub.add_parser("train", help="train a model with the book's recipe and report accuracy")
     train.add_argument("what", choices=["cnn", "vit", "llm"])

@@ -78,7 +78,10 @@ def _hub_offline() -> bool:
     """True when Hugging Face downloads are switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
     from huggingface_hub import constants
 
-    env = any(os.environ.get(k, "0").strip().lower() in {"1", "true", "yes", "on"} for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    env = any(
+        os.environ.get(k, "0").strip().lower() in {"1", "true", "yes", "on"}
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
@@ -106,7 +109,9 @@ def _resolve_model(name: str | None) -> str:
     try:
         validate_repo_id(name)
     except HFValidationError as err:
-        raise ValueError(f"unknown text model name {name!r}: it is neither a local folder nor a valid model id; {hint}") from err
+        raise ValueError(
+            f"unknown text model name {name!r}: it is neither a local folder nor a valid model id; {hint}"
+        ) from err
     if _hub_offline():
         if isinstance(try_to_load_from_cache(name, "config.json"), str):
             return name
@@ -150,7 +155,8 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 128) -> Tensor:
-        """Embed a list of strings as a float32 CPU tensor (N, D) of unit rows; strings seen before are not re-encoded."""
+        """Embed a list of strings as a float32 CPU tensor (N, D) of unit rows; strings seen before are not "
+        "re-encoded."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts must be a list of strings; wrap a single string in a list: encode([text])")
         new = list(dict.fromkeys(t for t in texts if t not in self._cache))  # unique, in order
@@ -175,7 +181,9 @@ def ensemble(embeddings: Tensor) -> Tensor:
 def class_embeddings(encoder: TextEncoder, classes: Sequence[str], templates: Sequence[str] = TEMPLATES) -> Tensor:
     """(C, D) unit text embeddings of the classes: each class name in every template, ensembled."""
     if not templates or any(t.count("{}") != 1 for t in templates):
-        raise ValueError("each template must contain exactly one '{}' where the class name goes, e.g. 'a photo of a {}.'")
+        raise ValueError(
+            "each template must contain exactly one '{}' where the class name goes, e.g. 'a photo of a {}.'"
+        )
     prompts = [t.format(c) for c in classes for t in templates]
     return ensemble(encoder.encode(prompts).view(len(classes), len(templates), -1))
 
@@ -206,7 +214,9 @@ class CNNEncoder(nn.Module):
 class CosineClassifier(nn.Module):
     """Logits ``exp(t) * cos(W f, e_c)``: projected image features against fixed unit text embeddings ``e_c``."""
 
-    def __init__(self, in_features: int, text_embeddings: Tensor, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
+    def __init__(
+        self, in_features: int, text_embeddings: Tensor, init_temperature: float = 0.07, max_scale: float = 100.0
+    ) -> None:
         super().__init__()
         if text_embeddings.ndim != 2:
             raise ValueError(f"text_embeddings must be (classes, D), got {tuple(text_embeddings.shape)}")
@@ -218,7 +228,9 @@ class CosineClassifier(nn.Module):
     def set_classes(self, text_embeddings: Tensor) -> None:
         """Swap in the (C', D) embeddings of another set of classes (zero-shot classification)."""
         if text_embeddings.ndim != 2 or text_embeddings.shape[1] != self.text.shape[1]:
-            raise ValueError(f"text_embeddings must be (classes, {self.text.shape[1]}), got {tuple(text_embeddings.shape)}")
+            raise ValueError(
+                f"text_embeddings must be (classes, {self.text.shape[1]}), got {tuple(text_embeddings.shape)}"
+            )
         self.text = F.normalize(text_embeddings.float(), dim=-1).to(self.text.device)
 
     def embed(self, features: Tensor) -> Tensor:
@@ -291,7 +303,9 @@ class WordVocab:
         for t in texts:
             unknown = [w for w in self.tokenize(t) if w not in self.stoi]
             if unknown:
-                raise ValueError(f"words {unknown} of {t!r} are not in the vocabulary; build WordVocab from texts that contain them")
+                raise ValueError(
+                    f"words {unknown} of {t!r} are not in the vocabulary; build WordVocab from texts that contain them"
+                )
             rows.append([self.BOS, *(self.stoi[w] for w in self.tokenize(t)), self.EOS])
         length = max(map(len, rows)) if max_len is None else max_len
         if any(len(r) > length for r in rows):
@@ -320,7 +334,9 @@ class DecoderBlock(nn.Module):
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.self_attn = MultiHeadAttention(dim, num_heads, dropout=dropout)
         self.cross_attn = MultiHeadAttention(dim, num_heads, dropout=dropout)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim), nn.Dropout(dropout)
+        )
 
     def forward(self, x: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
         """(B, T, dim) words, (B, M, dim) image tokens, (T, T) causal mask -> (B, T, dim)."""
@@ -333,9 +349,15 @@ class CaptionDecoder(nn.Module):
     """Approach 3: a small Transformer decoder that writes a caption of a CNN feature map, token by token."""
 
     def __init__(
-        self, vocab_size: int, feature_dim: int, dim: int = 128, depth: int = 2, num_heads: int = 4,
-        max_len: int = 16, dropout: float = 0.0,
-    ) -> None:  # fmt: skip
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        dim: int = 128,
+        depth: int = 2,
+        num_heads: int = 4,
+        max_len: int = 16,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if dim % 4 != 0:
             raise ValueError(f"dim must be a multiple of 4 (2-D sine-cosine positions of the image tokens), got {dim}")
@@ -371,8 +393,11 @@ class CaptionDecoder(nn.Module):
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
     @torch.inference_mode()
-    def generate(self, feature_map: Tensor, bos: int = WordVocab.BOS, eos: int = WordVocab.EOS, max_len: int | None = None) -> Tensor:
-        """Greedy decoding: (B, C, h, w) -> (B, L) token ids starting with ``bos``; ``eos`` then repeats once reached."""
+    def generate(
+        self, feature_map: Tensor, bos: int = WordVocab.BOS, eos: int = WordVocab.EOS, max_len: int | None = None
+    ) -> Tensor:
+        """Greedy decoding: (B, C, h, w) -> (B, L) token ids starting with ``bos``; ``eos`` then repeats "
+        "once reached."""
         max_len = self.max_len if max_len is None else min(max_len, self.max_len)
         tokens = torch.full((feature_map.shape[0], 1), bos, dtype=torch.long, device=feature_map.device)  # (B, 1)
         done = torch.zeros(feature_map.shape[0], dtype=torch.bool, device=feature_map.device)
@@ -396,7 +421,9 @@ def train_captioner(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Teacher forcing: each image gets a random caption of its class from ``captions`` (C, T, L); returns losses per epoch.
+    """Teacher forcing: each image gets a random caption of its class from ``captions`` (C, T, L).
+
+    Returns the loss of each epoch.
 
     ``feature_maps`` (N, C, h, w) come from a frozen image encoder; AdamW with a cosine schedule.
     """
@@ -438,11 +465,20 @@ def text_to_label(encoder: TextEncoder, texts: Sequence[str], class_emb: Tensor)
 
 @torch.inference_mode()
 def clip_zero_shot(
-    model: nn.Module, processor, images: Tensor, classes: Sequence[str], templates: Sequence[str] = TEMPLATES, batch_size: int = 100
-) -> Tensor:  # fmt: skip
-    """Zero-shot labels from a Hugging Face CLIP model and its processor: uint8 (N, 3, H, W) images -> (N,) class indices."""
+    model: nn.Module,
+    processor,
+    images: Tensor,
+    classes: Sequence[str],
+    templates: Sequence[str] = TEMPLATES,
+    batch_size: int = 100,
+) -> Tensor:
+    """Zero-shot labels from a Hugging Face CLIP model and its processor: uint8 (N, 3, H, W) images -> (N,) "
+    "class indices."""
     if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-        raise ValueError(f"images must be uint8 of shape (N, 3, H, W), as load_cifar10 returns them; got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be uint8 of shape (N, 3, H, W), as load_cifar10 returns them; got {images.dtype} "
+            f"{tuple(images.shape)}"
+        )
 
     def features(out) -> Tensor:  # transformers < 5 returns the projected features, 5.x an output holding them
         return out if isinstance(out, Tensor) else out.pooler_output

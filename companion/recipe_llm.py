@@ -40,9 +40,12 @@ LLM_RECIPE = LLMRecipe()
 
 
 def llm_data(
-    recipe: LLMRecipe = LLM_RECIPE, quick: bool = False, root: str | os.PathLike | None = None, seed: int = 0,
+    recipe: LLMRecipe = LLM_RECIPE,
+    quick: bool = False,
+    root: str | os.PathLike | None = None,
+    seed: int = 0,
     classes: Sequence[str] = CIFAR10_CLASSES,
-) -> tuple[DeviceLoader, DeviceLoader, torch.Tensor]:  # fmt: skip
+) -> tuple[DeviceLoader, DeviceLoader, torch.Tensor]:
     """Train and test loaders holding only the images of ``classes``, relabelled 0..len(classes)-1.
 
     Also returns the original CIFAR-10 labels of the training images, so a caller can check which classes
@@ -56,24 +59,45 @@ def llm_data(
     relabel[keep] = torch.arange(len(keep))
     loaders = []
     for train in (True, False):
-        n = (recipe.quick_n_train if quick else recipe.n_train) if train else (recipe.quick_n_test if quick else recipe.n_test)
+        n = (
+            (recipe.quick_n_train if quick else recipe.n_train)
+            if train
+            else (recipe.quick_n_test if quick else recipe.n_test)
+        )
         x, y = load_cifar10(train=train, root=root, subset=n)
         mask = torch.isin(y, keep)
         x, y_orig = x[mask], y[mask]
         if train:
             seen = y_orig
-            loaders.append(DeviceLoader(x, relabel[y_orig], min(recipe.batch_size, len(y_orig)), shuffle=True,
-                                        augment=recipe.augment, drop_last=True, seed=seed))  # fmt: skip
+            loaders.append(
+                DeviceLoader(
+                    x,
+                    relabel[y_orig],
+                    min(recipe.batch_size, len(y_orig)),
+                    shuffle=True,
+                    augment=recipe.augment,
+                    drop_last=True,
+                    seed=seed,
+                )
+            )
         else:
             loaders.append(DeviceLoader(x, relabel[y_orig], batch_size=1000))
     return loaders[0], loaders[1], seen
 
 
 def _train(
-    head: str, quick: bool, epochs: int | None, root: str | os.PathLike | None, seed: int, recipe: LLMRecipe,
-    encoder: TextEncoder | None, classes: Sequence[str], progress: bool,
-) -> dict[str, Any]:  # fmt: skip
-    """Train the recipe's CNN with a ``'text'`` (cosine over class embeddings) or ``'linear'`` head; return the figures."""
+    head: str,
+    quick: bool,
+    epochs: int | None,
+    root: str | os.PathLike | None,
+    seed: int,
+    recipe: LLMRecipe,
+    encoder: TextEncoder | None,
+    classes: Sequence[str],
+    progress: bool,
+) -> dict[str, Any]:
+    """Train the recipe's CNN with a ``'text'`` (cosine over class embeddings) or ``'linear'`` head; return "
+    "the figures."""
     if epochs is None:
         epochs = recipe.quick_epochs if quick else recipe.epochs
     recipe = replace(recipe, epochs=epochs)
@@ -124,7 +148,10 @@ def train_llm(
     if save is not None:
         save_weights(model, save)
     if verbose:
-        title = f"FastCNN{recipe.widths} + cosine head over {len(classes)} class-text embeddings (temperature {result['temperature']:.4f})"
+        title = (
+            f"FastCNN{recipe.widths} + cosine head over {len(classes)} class-text embeddings "
+            f"(temperature {result['temperature']:.4f})"
+        )
         report(title, result, quick, save)
     return result
 

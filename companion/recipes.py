@@ -92,10 +92,19 @@ def fit_recipe(
     ``n_train``, ``recipe`` (as a dict), and the trained ``model`` and its ``history``.
     """
     history = fit(
-        model, train, test, epochs=recipe.epochs, optimizer=recipe.optimizer, lr=recipe.lr,
-        weight_decay=recipe.weight_decay, schedule=recipe.schedule, warmup=recipe.warmup,
-        label_smoothing=recipe.label_smoothing, grad_clip=getattr(recipe, "grad_clip", None), progress=progress,
-    )  # fmt: skip
+        model,
+        train,
+        test,
+        epochs=recipe.epochs,
+        optimizer=recipe.optimizer,
+        lr=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        schedule=recipe.schedule,
+        warmup=recipe.warmup,
+        label_smoothing=recipe.label_smoothing,
+        grad_clip=getattr(recipe, "grad_clip", None),
+        progress=progress,
+    )
     _, acc_tta = evaluate(model, test, tta_flip=True)
     return {
         "test_acc": history.test_acc[-1],

@@ -82,7 +82,9 @@ def _optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, mome
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole data set, on the CPU; ``tta_flip`` averages with the mirrored images."""
     was_training = model.training
     model.eval()

@@ -86,8 +86,15 @@ def plot_confusion_matrix(
     im = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{percent[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                    color="white" if percent[i, j] > 50 else "black")
+            ax.text(
+                j,
+                i,
+                f"{percent[i, j]:.0f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if percent[i, j] > 50 else "black",
+            )
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
     ax.set(xlabel="predicted", ylabel="true")

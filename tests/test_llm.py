@@ -24,7 +24,7 @@ from companion.llm import (
     ensemble,
     text_to_label,
     train_captioner,
-)  # fmt: skip
+)
 from companion.models import FastCNN
 from companion.recipe_llm import LLM_RECIPE, llm_data, train_linear_baseline, train_llm
 
@@ -121,7 +121,9 @@ def test_ensemble_is_the_renormalised_mean_of_unit_vectors(seed: int) -> None:
 def test_class_embeddings_ensemble_the_prompts(encoder: TextEncoder) -> None:
     classes, templates = ["cat", "truck"], TEMPLATES[:3]
     out = class_embeddings(encoder, classes, templates)
-    by_hand = torch.stack([F.normalize(encoder.encode([t.format(c) for t in templates]).mean(0), dim=0) for c in classes])
+    by_hand = torch.stack(
+        [F.normalize(encoder.encode([t.format(c) for t in templates]).mean(0), dim=0) for c in classes]
+    )
     torch.testing.assert_close(out, by_hand)
     single = class_embeddings(encoder, classes, ["a photo of a {}."])
     torch.testing.assert_close(single, encoder.encode(["a photo of a cat.", "a photo of a truck."]))
@@ -143,7 +145,9 @@ def test_cosine_head_is_scaled_cosine_similarity(seed: int) -> None:
     head = CosineClassifier(f, text, init_temperature=0.05 + 0.1 * torch.rand(1, generator=g).item())
     x = torch.randn(b, f, generator=g)
     z = head.proj(x)
-    by_hand = torch.stack([torch.stack([F.cosine_similarity(z[i], text[j], dim=0) for j in range(c)]) for i in range(b)])
+    by_hand = torch.stack(
+        [torch.stack([F.cosine_similarity(z[i], text[j], dim=0) for j in range(c)]) for i in range(b)]
+    )
     torch.testing.assert_close(head(x), head.logit_scale.exp() * by_hand, rtol=1e-5, atol=1e-5)
     assert head(x).abs().max() <= head.logit_scale.exp() + 1e-4
     assert "text" not in dict(head.named_parameters())  # the text embeddings are locked
@@ -196,7 +200,9 @@ def test_caption_decoder_shapes_and_causality(seed: int) -> None:
     b, t, v = (int(x) for x in torch.randint(1, 10, (3,), generator=g))
     v += 3
     c, h, w = int(torch.randint(1, 40, (1,), generator=g)), *(int(x) for x in torch.randint(1, 5, (2,), generator=g))
-    dec = CaptionDecoder(v, c, dim=16, depth=2, num_heads=int(torch.randint(1, 3, (1,), generator=g)) * 2, max_len=12).eval()
+    dec = CaptionDecoder(
+        v, c, dim=16, depth=2, num_heads=int(torch.randint(1, 3, (1,), generator=g)) * 2, max_len=12
+    ).eval()
     fmap = torch.randn(b, c, h, w, generator=g)
     tokens = torch.randint(0, v, (b, t), generator=g)
     logits = dec(fmap, tokens)
@@ -238,9 +244,19 @@ def test_recipe_trains_on_the_chosen_classes_only(fake_cifar, encoder: TextEncod
     recipe = replace(LLM_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, batch_size=4)
     train, test, seen = llm_data(recipe, quick=True, root=tmp_path, classes=("cat", "truck"))
     assert sorted(seen.unique().tolist()) == [3, 9] and set(train.labels.tolist()) == {0, 1} and len(test.labels) == 4
-    result = train_llm(quick=True, epochs=1, root=tmp_path, recipe=recipe, encoder=encoder, classes=("dog", "ship", "frog"), progress=False)
+    result = train_llm(
+        quick=True,
+        epochs=1,
+        root=tmp_path,
+        recipe=recipe,
+        encoder=encoder,
+        classes=("dog", "ship", "frog"),
+        progress=False,
+    )
     assert "test accuracy" in capsys.readouterr().out
-    assert sorted(result["train_labels_cifar10"].unique().tolist()) == [5, 6, 8] and result["model"].head.text.shape == (3, 384)
+    assert sorted(result["train_labels_cifar10"].unique().tolist()) == [5, 6, 8] and result[
+        "model"
+    ].head.text.shape == (3, 384)
     baseline = train_linear_baseline(quick=True, epochs=1, root=tmp_path, recipe=recipe, progress=False, verbose=False)
     assert baseline["model"].head.out_features == 10 and baseline["params"] < result["params"]
     with pytest.raises(ValueError, match="distinct CIFAR-10 class names"):
@@ -264,18 +280,35 @@ def _tiny_clip(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1} | {t: i + 2 for i, t in enumerate(letters + [c + "</w>" for c in letters])}
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1} | {
+        t: i + 2 for i, t in enumerate(letters + [c + "</w>" for c in letters])
+    }
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     config = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 64, "eos_token_id": 1, "bos_token_id": 0, "pad_token_id": 1},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+            "eos_token_id": 1,
+            "bos_token_id": 0,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=8,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     return CLIPModel(config).eval(), CLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
@@ -289,7 +322,11 @@ def test_clip_zero_shot_runs_a_hugging_face_clip(tmp_path) -> None:
     assert pred.shape == (7,) and pred.dtype == torch.long and 0 <= pred.min() and pred.max() < 3
     with torch.inference_mode():  # the same prediction, written out with CLIP's own forward pass
         prompts = [t.format(c) for c in ["cat", "dog", "ship"] for t in TEMPLATES[:2]]
-        out = model(**processor(text=prompts, images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt", padding=True))
+        out = model(
+            **processor(
+                text=prompts, images=list(images.permute(0, 2, 3, 1).numpy()), return_tensors="pt", padding=True
+            )
+        )
         text = F.normalize(out.text_embeds.view(3, 2, -1).mean(1), dim=-1)
     assert torch.equal(pred, (out.image_embeds @ text.T).argmax(1))
     with pytest.raises(ValueError, match="uint8 of shape"):

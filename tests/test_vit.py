@@ -79,7 +79,11 @@ def test_encoder_block_gradients_match_torch() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"norm_first": False}, "norm_first=True"), ({"activation": "relu"}, "activation='gelu'"), ({"batch_first": False}, "batch_first=True")],
+    [
+        ({"norm_first": False}, "norm_first=True"),
+        ({"activation": "relu"}, "activation='gelu'"),
+        ({"batch_first": False}, "batch_first=True"),
+    ],
 )
 def test_from_torch_rejects_other_layers(kwargs: dict, match: str) -> None:
     options = {"dropout": 0.0, "norm_first": True, "batch_first": True, "activation": "gelu"} | kwargs
@@ -94,8 +98,18 @@ def test_vit_shapes_for_several_configurations(seed: int) -> None:
     size, heads = patch * rng.randint(1, 4), rng.choice([1, 2, 4])
     dim = 4 * heads * rng.randint(1, 3)  # a multiple of 4 so that 'sincos' works too
     depth, classes, pool = rng.randint(1, 3), rng.randint(2, 12), rng.choice(["cls", "mean"])
-    model = ViT(size, patch, dim, depth, heads, rng.choice([1.0, 2.0, 4.0]), classes, pool,
-                pos_embedding=rng.choice(["learned", "sincos"]), in_channels=rng.choice([1, 3]))  # fmt: skip
+    model = ViT(
+        size,
+        patch,
+        dim,
+        depth,
+        heads,
+        rng.choice([1.0, 2.0, 4.0]),
+        classes,
+        pool,
+        pos_embedding=rng.choice(["learned", "sincos"]),
+        in_channels=rng.choice([1, 3]),
+    )
     x = torch.randn(3, model.patch_embed.in_channels, size, size)
     logits, attentions = model(x, return_attention=True)
     tokens = (size // patch) ** 2 + (pool == "cls")

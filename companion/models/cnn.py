@@ -106,7 +106,8 @@ class FastCNN(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: several times faster convolutions on CPU
         if min(x.shape[2:]) < self.min_size:
             raise ValueError(
-                f"FastCNN with {len(self.stages)} stages needs images of at least {self.min_size}x{self.min_size}, got {tuple(x.shape[2:])}"
+                f"FastCNN with {len(self.stages)} stages needs images of at least "
+                f"{self.min_size}x{self.min_size}, got {tuple(x.shape[2:])}"
             )
         x = F.gelu(self.stem(x))  # (B, stem_width, 31, 31)
         for stage in self.stages:
@@ -125,7 +126,8 @@ def patch_whitening(stem: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) ->
     k = stem.kernel_size[0]
     if stem.out_channels != 2 * stem.in_channels * k * k:
         raise ValueError(
-            f"patch whitening needs out_channels = 2 * in_channels * k * k = {2 * stem.in_channels * k * k}, got {stem.out_channels}"
+            f"patch whitening needs out_channels = 2 * in_channels * k * k = {2 * stem.in_channels * k * k}, "
+            f"got {stem.out_channels}"
         )
     patches = images.unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H-k+1, W-k+1, k, k)
     patches = patches.transpose(1, 3).reshape(-1, stem.in_channels * k * k).double()  # (N*P, C*k*k)

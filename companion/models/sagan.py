@@ -83,7 +83,8 @@ class AttentionCNN(FastCNN):
         super().__init__(widths, depth_per_stage, num_classes, stem_width, batch_norm, logit_scale)
         if not 1 <= attention_after <= len(widths):
             raise ValueError(
-                f"attention_after must name a stage, 1 to {len(widths)} for widths={tuple(widths)}, got {attention_after}"
+                f"attention_after must name a stage, 1 to {len(widths)} for widths={tuple(widths)}, got "
+                f"{attention_after}"
             )
         self.attention_after = attention_after
         self.attention = SelfAttention2d(widths[attention_after - 1], reduction, scale)

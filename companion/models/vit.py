@@ -94,7 +94,8 @@ class EncoderBlock(nn.Module):
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer) -> EncoderBlock:
-        """An EncoderBlock holding a copy of the weights of a pre-norm, GELU, batch-first ``nn.TransformerEncoderLayer``."""
+        """An EncoderBlock holding a copy of the weights of a pre-norm, GELU, batch-first "
+        "``nn.TransformerEncoderLayer``."""
         problems = []
         if not layer.norm_first:
             problems.append("norm_first=True (ours is pre-norm)")
@@ -103,7 +104,9 @@ class EncoderBlock(nn.Module):
         if layer.activation is not F.gelu and not isinstance(layer.activation, nn.GELU):
             problems.append("activation='gelu'")
         if problems:
-            raise ValueError(f"EncoderBlock.from_torch needs a TransformerEncoderLayer built with {', '.join(problems)}")
+            raise ValueError(
+                f"EncoderBlock.from_torch needs a TransformerEncoderLayer built with {', '.join(problems)}"
+            )
         dim, mlp_dim = layer.linear1.in_features, layer.linear1.out_features
         block = cls(dim, layer.self_attn.num_heads, mlp_dim, dropout=layer.dropout.p, eps=layer.norm1.eps)
         block = block.to(device=layer.linear1.weight.device, dtype=layer.linear1.weight.dtype)
@@ -175,7 +178,8 @@ class ViT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """(B, C, H, W) images -> (B, num_classes) logits, and with ``return_attention`` a list of (B, heads, T, T) per block."""
+        """(B, C, H, W) images -> (B, num_classes) logits, and with ``return_attention`` a list of (B, "
+        "heads, T, T) per block."""
         x = self.patch_embed(x)  # (B, N, dim)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, T = 1 + N, dim)
