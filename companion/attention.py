@@ -3,10 +3,12 @@
 Chapters 4 (SAGAN block), 5 (ViT encoder) and 6 (caption decoder) import these rather than
 re-implementing them.
 
-Mask convention, everywhere in this module: a **boolean** mask is ``True`` where a query may
-attend to a key, exactly like the ``attn_mask`` of ``torch.nn.functional.scaled_dot_product_attention``.
-(``torch.nn.MultiheadAttention`` uses the opposite convention, ``True`` = blocked: pass it ``~mask``.)
-A **float** mask is added to the scores before the softmax: ``0`` lets a key through, ``-inf`` blocks it.
+Masks are named and read as PyTorch names and reads them. ``attn_mask``, everywhere in this module:
+a **boolean** mask is ``True`` where a query may attend to a key, exactly like the ``attn_mask`` of
+``torch.nn.functional.scaled_dot_product_attention``; a **float** mask is added to the scores before the
+softmax: ``0`` lets a key through, ``-inf`` blocks it. (``torch.nn.MultiheadAttention``'s ``attn_mask``
+uses the opposite convention, ``True`` = blocked: pass it ``~attn_mask``.) ``MultiHeadAttention`` also
+takes a ``key_padding_mask`` (B, M) as ``nn.MultiheadAttention`` does: ``True`` = ignore that key.
 A query row whose keys are all blocked has nothing to average: both paths return zeros for it
 (output and weights), as PyTorch's fused kernel does, instead of the NaN of a plain softmax.
 """
@@ -55,71 +57,80 @@ def _scores_shape(q: Tensor, k: Tensor, v: Tensor | None = None) -> tuple[int, .
     return (*batch, q.shape[-2], k.shape[-2])
 
 
-def _check_mask(mask: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
-    """Validate a mask against the scores' shape; return it as bool or as the scores' float dtype."""
-    if mask is None:
+def _check_mask(attn_mask: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+    """Validate a mask against the scores' shape; return it as bool or as the scores' float dtype, at least 2-D."""
+    if attn_mask is None:
         return None
-    if mask.dtype != torch.bool and not mask.is_floating_point():
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise ValueError(
-            f"mask must be bool (True = attend) or float (added to the scores), got {mask.dtype}; "
-            "convert it, e.g. mask.bool()"
+            f"attn_mask must be bool (True = attend) or float (added to the scores), got {attn_mask.dtype}; "
+            "convert it, e.g. attn_mask.bool()"
         )
     try:
-        fits = torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
+        fits = torch.broadcast_shapes(attn_mask.shape, shape) == torch.Size(shape)
     except RuntimeError:
         fits = False
     if not fits:
         raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores (..., N, M) = {shape}; "
-            "give it shape (N, M), or keep the leading axes and use size 1 where it is shared, "
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the attention scores (..., N, M) = "
+            f"{shape}; give it shape (N, M), or keep the leading axes and use size 1 where it is shared, "
             "e.g. (B, 1, 1, M) for a key padding mask over (B, heads, N, M)"
         )
-    return mask if mask.dtype == torch.bool else mask.to(dtype)
+    if attn_mask.ndim < 2:  # (M,) or a scalar: one row shared by every query, as (1, M)
+        attn_mask = attn_mask.reshape(1, -1) if attn_mask.ndim == 1 else attn_mask.reshape(1, 1)
+    return attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(dtype)
 
 
-def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """The attention weights ``softmax(q k^T / sqrt(d_k) + mask)`` over the keys, shape (..., N, M)."""
+def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """The attention weights ``softmax(q k^T / sqrt(d_k) + attn_mask)`` over the keys, shape (..., N, M)."""
     shape = _scores_shape(q, k)
-    mask = _check_mask(mask, shape, q.dtype)
+    attn_mask = _check_mask(attn_mask, shape, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = q @ k.transpose(-2, -1) * scale  # (..., N, M)
-    if mask is None:
+    if attn_mask is None:
         return torch.softmax(scores, dim=-1)
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    else:
+        scores = scores + attn_mask
     blocked = scores.amax(dim=-1, keepdim=True) == float("-inf")  # (..., N, 1): rows with no key left
     weights = torch.softmax(scores.masked_fill(blocked, 0.0), dim=-1)  # finite everywhere, also in gradients
     return weights.masked_fill(blocked, 0.0)
+
+
+def _check_dropout(p: float, name: str) -> None:
+    if not 0.0 <= p <= 1.0:  # also catches NaN
+        raise ValueError(f"{name} is a probability in [0, 1], got {p}")
 
 
 def scaled_dot_product_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
-    return_weights: bool = False,
+    return_attention: bool = False,
     scale: float | None = None,
     fused: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``softmax(Q K^T / sqrt(d_k)) V`` over any leading (batch, head) dimensions.
 
-    Shapes: q (..., N, d_k), k (..., M, d_k), v (..., M, d_v) -> (..., N, d_v). ``mask`` broadcasts to
+    Shapes: q (..., N, d_k), k (..., M, d_k), v (..., M, d_v) -> (..., N, d_v). ``attn_mask`` broadcasts to
     (..., N, M): bool True = attend, or float added to the scores. ``dropout_p`` is applied as given
     (pass 0.0 at evaluation, as ``torch.nn.functional.scaled_dot_product_attention`` expects).
-    With ``return_weights=False`` and ``fused=True`` the call goes to PyTorch's fused kernel; otherwise
+    With ``return_attention=False`` and ``fused=True`` the call goes to PyTorch's fused kernel; otherwise
     the readable path below runs and, if asked, also returns the (dropped-out) weights (..., N, M).
     """
     shape = _scores_shape(q, k, v)
-    mask = _check_mask(mask, shape, q.dtype)
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be between 0 and 1, got {dropout_p}")
-    if fused and not return_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    weights = attention_weights(q, k, mask, scale)  # (..., N, M)
+    attn_mask = _check_mask(attn_mask, shape, q.dtype)
+    _check_dropout(dropout_p, "dropout_p")
+    if fused and not return_attention:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    weights = attention_weights(q, k, attn_mask, scale)  # (..., N, M)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
     out = weights @ v  # (..., N, d_v)
-    return (out, weights) if return_weights else out
+    return (out, weights) if return_attention else out
 
 
 def causal_mask(n: int, m: int | None = None, device: torch.device | str | None = None) -> Tensor:
@@ -131,8 +142,9 @@ def causal_mask(n: int, m: int | None = None, device: torch.device | str | None 
 def padding_mask(lengths: Tensor | list[int], max_len: int | None = None) -> Tensor:
     """Boolean (B, max_len) mask, True on the real tokens of sequences of the given lengths.
 
-    Use ``mask=padding_mask(lengths)[:, None, :]`` for scores (B, N, M) and
-    ``[:, None, None, :]`` for (B, heads, N, M), so that no query attends to padding.
+    Use ``attn_mask=padding_mask(lengths)[:, None, :]`` for scores (B, N, M) and ``[:, None, None, :]`` for
+    (B, heads, N, M), so that no query attends to padding; ``MultiHeadAttention`` takes
+    ``key_padding_mask=~padding_mask(lengths)`` (True = ignore, as ``nn.MultiheadAttention``).
     """
     lengths = torch.as_tensor(lengths)
     max_len = int(lengths.max()) if max_len is None else max_len
@@ -164,6 +176,7 @@ class MultiHeadAttention(nn.Module):
                 f"dim={dim} is not divisible by num_heads={num_heads}: each head gets dim // num_heads channels; "
                 f"choose num_heads from {divisors}"
             )
+        _check_dropout(dropout, "dropout")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.kdim, self.vdim = kdim or dim, vdim or dim
         self.dropout = dropout
@@ -177,35 +190,79 @@ class MultiHeadAttention(nn.Module):
         query: Tensor,
         key: Tensor | None = None,
         value: Tensor | None = None,
-        mask: Tensor | None = None,
-        return_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        return_attention: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """(B, N, dim) queries over (B, M, kdim) keys -> (B, N, dim), and per-head weights (B, heads, N, M).
 
-        ``mask``: bool (True = attend) or float, of shape (N, M), (B, N, M) or (B, heads, N, M)
-        (size 1 allowed where shared, e.g. (B, 1, M) for key padding).
+        ``attn_mask``: bool (True = attend) or float, of shape (N, M), (B, N, M) or (B, heads, N, M)
+        (size 1 allowed where shared). ``key_padding_mask``: bool (B, M), True = ignore that key (padding),
+        or float (B, M) added to the scores, as in ``nn.MultiheadAttention``.
         """
         key = query if key is None else key
         value = key if value is None else value
         for name, t, d in (("query", query, self.dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             if t.ndim != 3 or t.shape[-1] != d:
                 raise ValueError(f"{name} must have shape (B, tokens, {d}), got {tuple(t.shape)}")
-        if mask is not None and mask.ndim == 3:
-            mask = mask.unsqueeze(1)  # (B, N, M) -> (B, 1, N, M): the same mask for every head
         B, N, _ = query.shape
         M = key.shape[1]
+        if key.shape[0] != B or value.shape[:2] != key.shape[:2]:
+            raise ValueError(
+                f"query, key and value must hold the same batch of B examples, and key and value the same M tokens: "
+                f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
+        attn_mask = self._merge_masks(attn_mask, key_padding_mask, B, N, M, query.dtype)
         H, hd = self.num_heads, self.head_dim
 
         q = self.q_proj(query).view(B, N, H, hd).transpose(1, 2)  # (B, H, N, hd)
         k = self.k_proj(key).view(B, M, H, hd).transpose(1, 2)  # (B, H, M, hd)
         v = self.v_proj(value).view(B, M, H, hd).transpose(1, 2)  # (B, H, M, hd)
         dropout_p = self.dropout if self.training else 0.0
-        out = scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, return_weights=return_weights)
-        if return_weights:
+        out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=dropout_p, return_attention=return_attention)
+        if return_attention:
             out, weights = out  # weights (B, H, N, M)
         out = out.transpose(1, 2).reshape(B, N, self.dim)  # (B, N, H * hd): heads merged
         out = self.out_proj(out)  # (B, N, dim)
-        return (out, weights) if return_weights else out
+        return (out, weights) if return_attention else out
+
+    @staticmethod
+    def _merge_masks(
+        attn_mask: Tensor | None, key_padding_mask: Tensor | None, B: int, N: int, M: int, dtype: torch.dtype
+    ) -> Tensor | None:
+        """One mask for the scores (B, heads, N, M), bool True = attend or float, from both of forward's masks."""
+        if attn_mask is not None:
+            if attn_mask.ndim == 2 and tuple(attn_mask.shape) == (B, M) and N != B != 1:
+                raise ValueError(
+                    f"attn_mask of shape {tuple(attn_mask.shape)} = (B, M) looks like a key padding mask; a 2-D "
+                    f"attn_mask is (N, M) = ({N}, {M}), one row per query. Pass padding as "
+                    "key_padding_mask=... of shape (B, M), True = ignore that key (as nn.MultiheadAttention)"
+                )
+            if attn_mask.ndim not in (2, 3, 4):
+                raise ValueError(
+                    f"attn_mask must have shape (N, M), (B, N, M) or (B, heads, N, M), got {tuple(attn_mask.shape)}"
+                )
+            if attn_mask.ndim == 3:
+                attn_mask = attn_mask.unsqueeze(1)  # (B, N, M) -> (B, 1, N, M): the same mask for every head
+        if key_padding_mask is None:
+            return attn_mask
+        if tuple(key_padding_mask.shape) != (B, M):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, M) = ({B}, {M}), one flag per key of each example "
+                f"(True = ignore), got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.dtype == torch.bool:
+            keep = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, M): True = attend
+            if attn_mask is None or attn_mask.dtype == torch.bool:
+                return keep if attn_mask is None else attn_mask & keep
+            keep = torch.zeros_like(keep, dtype=dtype).masked_fill(~keep, float("-inf"))
+        elif key_padding_mask.is_floating_point():
+            keep = key_padding_mask[:, None, None, :].to(dtype)  # (B, 1, 1, M), added to the scores
+        else:
+            raise ValueError(f"key_padding_mask must be bool (True = ignore) or float, got {key_padding_mask.dtype}")
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill(~attn_mask, float("-inf"))
+        return keep if attn_mask is None else attn_mask + keep
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention) -> MultiHeadAttention:

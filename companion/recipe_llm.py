@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from companion.data import CIFAR10_CLASSES, DeviceLoader, load_cifar10
-from companion.llm import TEMPLATES, ImageTextClassifier, TextEncoder, class_embeddings
+from companion.llm import TEMPLATES, TextEncoder, class_embeddings
+from companion.models import ImageTextClassifier
 from companion.models.common import count_parameters, save_weights
 from companion.recipes import CNNRecipe, fit_recipe, make_cnn, report, whitening_batch
 from companion.runtime import seed_everything

@@ -121,6 +121,7 @@ def fit(
     schedule: str = "onecycle",
     warmup: float = 0.2,
     label_smoothing: float = 0.0,
+    ignore_index: int = -100,
     grad_clip: float | None = None,
     amp: bool = True,
     tta_flip: bool = False,
@@ -132,6 +133,10 @@ def fit(
     up linearly over the first ``warmup`` fraction of steps, then decays to zero ('onecycle': linearly,
     'cosine': along a half cosine). Mixed precision (bfloat16) is used on CUDA only, when ``amp``.
     The model is moved to the device of the data's first batch.
+
+    Batches are ``(x, y)``: ``x`` a tensor, or a tuple of tensors passed as ``model(*x)``; ``y`` class labels
+    (B,) for logits (B, C), or targets (B, ...) for logits (B, ..., C) such as next tokens. Targets equal to
+    ``ignore_index`` (e.g. padding) count in neither the loss nor the accuracy.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -150,30 +155,39 @@ def fit(
         start = time.perf_counter()
         loss_sum = torch.zeros(())
         correct = torch.zeros((), dtype=torch.long)
+        scored = torch.zeros((), dtype=torch.long)  # targets that count: not ignore_index
         seen = 0
         for x, y in train_data:
             if seen == 0 and epoch == 0:
-                model.to(x.device)
-                loss_sum, correct = loss_sum.to(x.device), correct.to(x.device)
-                history.device = str(x.device)
-            with _autocast(x.device, amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                model.to(y.device)
+                loss_sum, correct, scored = loss_sum.to(y.device), correct.to(y.device), scored.to(y.device)
+                history.device = str(y.device)
+            with _autocast(y.device, amp):
+                logits = model(*x) if isinstance(x, tuple) else model(x)  # (B, C) or (B, ..., C)
+                loss = F.cross_entropy(
+                    logits.float().flatten(0, -2),
+                    y.flatten(),
+                    label_smoothing=label_smoothing,
+                    ignore_index=ignore_index,
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             sched.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            keep = y != ignore_index  # (B, ...)
+            n = keep.sum()
+            loss_sum += loss.detach() * n
+            correct += ((logits.argmax(-1) == y) & keep).sum()
+            scored += n
             seen += len(y)
             bar.update(1)
         if loss_sum.device.type == "cuda":
             torch.cuda.synchronize()
         history.seconds.append(time.perf_counter() - start)
-        history.train_loss.append(loss_sum.item() / seen)
-        history.train_acc.append(correct.item() / seen)
+        history.train_loss.append(loss_sum.item() / scored.item())
+        history.train_acc.append(correct.item() / scored.item())
         history.lr.append(opt.param_groups[0]["lr"])
         postfix = {"epoch": epoch + 1, "loss": f"{history.train_loss[-1]:.3f}", "acc": f"{history.train_acc[-1]:.3f}"}
         if test_data is not None:

@@ -69,7 +69,7 @@ def test_readable_and_fused_paths_agree_with_the_formula(mask_kind):
     for _ in range(60):
         q, k, v, mask = random_problem(rng, gen, mask_kind)
         want_out, want_w = reference(q, k, v, mask)
-        out, w = scaled_dot_product_attention(q, k, v, mask, return_weights=True)
+        out, w = scaled_dot_product_attention(q, k, v, mask, return_attention=True)
         fused = scaled_dot_product_attention(q, k, v, mask)  # goes to F.scaled_dot_product_attention
         readable = scaled_dot_product_attention(q, k, v, mask, fused=False)
         torch.testing.assert_close(fused, readable, **TOL)
@@ -97,7 +97,7 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients_on_both_paths():
             grads.append([t.grad for t in (q, k, v)])
         for g_fused, g_readable in zip(*grads, strict=True):
             torch.testing.assert_close(g_fused, g_readable, **TOL)
-        _, w = scaled_dot_product_attention(q, k, v, mask, return_weights=True)
+        _, w = scaled_dot_product_attention(q, k, v, mask, return_attention=True)
         assert torch.equal(w[..., 1, :], torch.zeros_like(w[..., 1, :]))
         torch.testing.assert_close(w[..., 0, :].sum(-1), torch.ones(2, 3))
 
@@ -127,7 +127,7 @@ def test_dropout_is_applied_as_given_and_only_in_training_inside_the_module():
     q, k, v = (torch.randn(4, 64, 16, generator=gen) for _ in range(3))
     clean = attention_weights(q, k)
     torch.manual_seed(0)
-    _, w = scaled_dot_product_attention(q, k, v, dropout_p=0.25, return_weights=True)
+    _, w = scaled_dot_product_attention(q, k, v, dropout_p=0.25, return_attention=True)
     dropped = w == 0
     assert abs(dropped.float().mean().item() - 0.25) < 0.01  # a quarter of the weights dropped
     torch.testing.assert_close(w[~dropped], clean[~dropped] / 0.75)  # the rest rescaled by 1 / (1 - p)
@@ -173,12 +173,12 @@ def test_multi_head_attention_reproduces_torch():
         want, want_w = ref(x, key, value, attn_mask=tmask, average_attn_weights=False)
         want_avg = ref(x, key, value, attn_mask=tmask)[1]
         args = (x,) if not cross else (x, key, value)
-        out, w = ours(*args, mask=mask, return_weights=True)
+        out, w = ours(*args, attn_mask=mask, return_attention=True)
         assert w.shape == (B, heads, N, M)
         torch.testing.assert_close(out, want, **TOL)
         torch.testing.assert_close(w, want_w, **TOL)
         torch.testing.assert_close(w.mean(1), want_avg, **TOL)
-        torch.testing.assert_close(ours(*args, mask=mask), want, **TOL)  # the fused path
+        torch.testing.assert_close(ours(*args, attn_mask=mask), want, **TOL)  # the fused path
 
 
 def test_multi_head_attention_masks_of_every_rank_and_value_defaults_to_key():
@@ -187,10 +187,77 @@ def test_multi_head_attention_masks_of_every_rank_and_value_defaults_to_key():
     x, ctx = torch.randn(2, 5, 12), torch.randn(2, 7, 12)
     pad = padding_mask([7, 3])  # (B, M)
     full = pad[:, None, None, :].expand(2, 3, 5, 7)
-    want = mha(x, ctx, ctx, mask=full)
+    want = mha(x, ctx, ctx, attn_mask=full)
     for mask in (pad[:, None, :], pad[:, None, None, :], full[:, 0]):  # (B, 1, M), (B, 1, 1, M), (B, N, M)
-        torch.testing.assert_close(mha(x, ctx, mask=mask), want, **TOL)
-    torch.testing.assert_close(mha(x, mask=causal_mask(5)), mha(x, x, x, mask=causal_mask(5)[None, None]), **TOL)
+        torch.testing.assert_close(mha(x, ctx, attn_mask=mask), want, **TOL)
+    torch.testing.assert_close(
+        mha(x, attn_mask=causal_mask(5)), mha(x, x, x, attn_mask=causal_mask(5)[None, None]), **TOL
+    )
+
+
+def test_key_padding_mask_is_read_as_b_m_even_when_b_equals_n():
+    """Issue 14.6: a (B, M) padding mask was misread as (N, M) when B == N; now it has its own argument."""
+    rng, gen = random.Random(7), torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    for _ in range(20):
+        heads = rng.choice([1, 2, 4])
+        dim, B, M = heads * rng.randint(1, 6), rng.randint(2, 5), rng.randint(2, 9)
+        ref = nn.MultiheadAttention(dim, heads, batch_first=True).eval()
+        ours = MultiHeadAttention.from_torch(ref)
+        x, ctx = torch.randn(B, B, dim, generator=gen), torch.randn(B, M, dim, generator=gen)  # N == B
+        lengths = [rng.randint(1, M) for _ in range(B)]
+        ignore = ~padding_mask(lengths, M)  # (B, M), True = padding, as nn.MultiheadAttention
+        want = ref(x, ctx, ctx, key_padding_mask=ignore)[0]
+        torch.testing.assert_close(ours(x, ctx, key_padding_mask=ignore), want, **TOL)
+        out, w = ours(x, ctx, key_padding_mask=ignore, return_attention=True)
+        torch.testing.assert_close(out, want, **TOL)
+        assert w.masked_select(ignore[:, None, None, :]).eq(0).all()  # no weight on padding
+        causal = causal_mask(B, M)  # combined with an attn_mask (True = attend): both apply
+        both = ref(x, ctx, ctx, attn_mask=~causal | ignore[:, None, :].repeat_interleave(heads, 0))[0]
+        rows = causal.unsqueeze(0) & ~ignore[:, None, :]  # rows with a key left (nn.MultiheadAttention: NaN)
+        got = ours(x, ctx, attn_mask=causal, key_padding_mask=ignore)
+        assert got[~rows.any(-1)].eq(0).all()
+        torch.testing.assert_close(got[rows.any(-1)], both[rows.any(-1)], **TOL)
+        float_pad = torch.zeros(B, M).masked_fill(ignore, float("-inf"))
+        torch.testing.assert_close(ours(x, ctx, key_padding_mask=float_pad), want, **TOL)
+
+
+def test_ambiguous_or_wrong_masks_are_rejected_with_the_right_form():
+    mha = MultiHeadAttention(8, 2).eval()
+    x, ctx = torch.randn(3, 5, 8), torch.randn(3, 7, 8)
+    pad = padding_mask([7, 2, 4])  # (B, M), True = real token
+    with pytest.raises(ValueError, match=r"\(B, M\) looks like a key padding mask.*key_padding_mask="):
+        mha(x, ctx, attn_mask=pad)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, M\) = \(3, 7\)"):
+        mha(x, ctx, key_padding_mask=~pad.T)
+    with pytest.raises(ValueError, match="key_padding_mask must be bool"):
+        mha(x, ctx, key_padding_mask=pad.long())
+
+
+def test_one_dimensional_mask_gives_the_same_result_on_both_paths():
+    """A (M,) mask: the readable path accepted it, the fused one failed with an IndexError for 4-D inputs."""
+    gen = torch.Generator().manual_seed(8)
+    for lead in ((), (2,), (2, 3), (1, 2, 3)):
+        q, k, v = (torch.randn(*lead, n, d, generator=gen) for n, d in ((4, 8), (5, 8), (5, 3)))
+        for mask in (torch.tensor([True, False, True, True, False]), torch.tensor([0.0, -1.0, 2.0, -math.inf, 0.5])):
+            readable = scaled_dot_product_attention(q, k, v, mask, fused=False)
+            fused = scaled_dot_product_attention(q, k, v, mask)
+            torch.testing.assert_close(fused, readable, **TOL)
+            torch.testing.assert_close(fused, scaled_dot_product_attention(q, k, v, mask.expand(4, 5)), **TOL)
+    with pytest.raises(ValueError, match="does not broadcast"):  # both paths refuse a wrong length alike
+        scaled_dot_product_attention(q, k, v, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        scaled_dot_product_attention(q, k, v, torch.ones(4, dtype=torch.bool), fused=False)
+
+
+def test_multi_head_attention_rejects_mismatched_batches_and_bad_dropout():
+    mha = MultiHeadAttention(8, 2)
+    for key, value in ((torch.randn(3, 6, 8), None), (torch.randn(2, 6, 8), torch.randn(3, 6, 8))):
+        with pytest.raises(ValueError, match=r"same batch of B examples.*query \(2, 5, 8\)"):
+            mha(torch.randn(2, 5, 8), key, value)
+    for p in (2.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"dropout is a probability in \[0, 1\]"):
+            MultiHeadAttention(8, 2, dropout=p)
 
 
 def test_self_attention_without_positions_is_permutation_equivariant():
@@ -249,11 +316,11 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="do not broadcast"):
         scaled_dot_product_attention(q, torch.randn(3, 5, 8), torch.randn(3, 5, 3))
     with pytest.raises(ValueError, match=r"does not broadcast to the attention scores \(\.\.\., N, M\) = \(2, 4, 5\)"):
-        scaled_dot_product_attention(q, k, v, mask=torch.ones(5, 4, dtype=torch.bool))
+        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="does not broadcast"):  # would expand the scores: also refused
-        scaled_dot_product_attention(q, k, v, mask=torch.ones(3, 2, 4, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="mask must be bool"):
-        scaled_dot_product_attention(q, k, v, mask=torch.ones(4, 5, dtype=torch.long))
+        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 2, 4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must be bool"):
+        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(4, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="dropout_p"):
         scaled_dot_product_attention(q, k, v, dropout_p=1.5)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
@@ -266,7 +333,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match=r"key must have shape"):
         mha(torch.randn(2, 4, 8), torch.randn(2, 4, 5))
     with pytest.raises(ValueError, match="does not broadcast"):
-        mha(torch.randn(2, 4, 8), mask=torch.ones(3, 3, dtype=torch.bool))
+        mha(torch.randn(2, 4, 8), attn_mask=torch.ones(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="add_bias_kv"):
         MultiHeadAttention.from_torch(nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True))
     with pytest.raises(ValueError, match="positive even"):
@@ -296,6 +363,6 @@ def test_fused_kernel_is_what_the_fast_path_calls(monkeypatch):
     scaled_dot_product_attention(q, q, q)
     MultiHeadAttention(4, 2)(q)
     assert len(calls) == 2
-    scaled_dot_product_attention(q, q, q, return_weights=True)
-    MultiHeadAttention(4, 2)(q, return_weights=True)
+    scaled_dot_product_attention(q, q, q, return_attention=True)
+    MultiHeadAttention(4, 2)(q, return_attention=True)
     assert len(calls) == 2

@@ -4,6 +4,7 @@ head, and the caption decoder (shapes, causality, greedy decoding, learning a to
 from __future__ import annotations
 
 import types
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -12,20 +13,17 @@ import torch.nn.functional as F
 
 from companion import llm
 from companion.data import CIFAR10_CLASSES
-from companion.llm import (
-    TEMPLATES,
+from companion.llm import TEMPLATES, TextEncoder, class_embeddings, ensemble, text_to_label
+from companion.models import (
     CaptionDecoder,
     CNNEncoder,
     CosineClassifier,
+    FastCNN,
     ImageTextClassifier,
-    TextEncoder,
     WordVocab,
-    class_embeddings,
-    ensemble,
-    text_to_label,
+    caption,
     train_captioner,
 )
-from companion.models import FastCNN
 from companion.recipe_llm import LLM_RECIPE, llm_data, train_linear_baseline, train_llm
 
 
@@ -68,6 +66,33 @@ def test_text_encoder_caches_each_string(encoder: TextEncoder, monkeypatch: pyte
 def test_text_encoder_rejects_a_bare_string(encoder: TextEncoder) -> None:
     with pytest.raises(ValueError, match="list of strings"):
         encoder.encode("a photo of a cat.")
+
+
+def test_text_encoder_takes_any_iterable_of_strings(encoder: TextEncoder) -> None:
+    import numpy as np
+
+    texts = ["a photo of a cat.", "a photo of a ship."]
+    want = encoder.encode(texts)
+    torch.testing.assert_close(encoder.encode(t for t in texts), want)  # a generator, read once
+    torch.testing.assert_close(encoder.encode(np.array(texts)), want)  # numpy.str_ items
+    torch.testing.assert_close(encoder.encode(tuple(texts)), want)
+    assert all(type(k) is str for k in encoder._cache)
+    for bad, match in ((np.array([texts]), "item of type ndarray"), ([1, 2], "item of type int"), (3, "got int")):
+        with pytest.raises(ValueError, match=match):
+            encoder.encode(bad)
+
+
+def test_text_longer_than_the_model_limit_warns_once(encoder: TextEncoder) -> None:
+    limit = encoder.model.max_seq_length
+    long = ["a photo of a cat " * limit, "a photo of a dog " * limit]
+    with pytest.warns(
+        UserWarning, match=rf"2 of 3 texts are longer than the text model's limit of {limit} tokens"
+    ) as rec:
+        encoder.encode([*long, "a photo of a frog."])
+    assert len([w for w in rec if "truncated" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # short texts, and texts already cached, give no warning
+        encoder.encode(["a photo of a bird.", *long])
 
 
 @pytest.mark.parametrize("name", ["no such model!", "a/b/c", "-bad-"])
@@ -173,7 +198,9 @@ def test_cnn_encoder_is_the_fastcnn_body() -> None:
     x = torch.randn(4, 3, 32, 32)
     enc = CNNEncoder(cnn)
     torch.testing.assert_close(cnn.head(enc(x)) * cnn.logit_scale, cnn(x))
-    assert enc.feature_map(x).shape == (4, 32, 3, 3)
+    assert enc.forward_features(x).shape == (4, 32, 3, 3)
+    torch.testing.assert_close(enc.forward_features(x), cnn.forward_features(x))
+    assert set(enc.state_dict()) == {k for k in cnn.state_dict() if not k.startswith("head.")}  # same names
     model = ImageTextClassifier(cnn, torch.randn(10, 24))
     assert model(x).shape == (4, 10)
     torch.testing.assert_close(model.embed(x).norm(dim=1), torch.ones(4))
@@ -219,11 +246,11 @@ def test_caption_decoder_shapes_and_causality(seed: int) -> None:
             assert set(row[row.index(WordVocab.EOS) :]) == {WordVocab.EOS}
     with pytest.raises(ValueError, match="max_len=12"):
         dec(fmap, torch.zeros(b, 13, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         dec(fmap[0], tokens)
 
 
-def test_caption_decoder_learns_to_name_the_class() -> None:
+def test_caption_decoder_learns_to_name_the_class(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     classes = ["cat", "dog", "ship"]
     templates = ["a photo of a {}.", "a blurry photo of the {}."]
@@ -233,8 +260,12 @@ def test_caption_decoder_learns_to_name_the_class() -> None:
     prototypes = torch.randn(3, 16, 2, 2)
     fmaps = prototypes[labels] + 0.3 * torch.randn(300, 16, 2, 2)
     dec = CaptionDecoder(len(vocab), 16, dim=32, depth=1, num_heads=2, max_len=9)
+    calls = []
+    real_fit = caption.fit
+    monkeypatch.setattr(caption, "fit", lambda *a, **kw: calls.append(kw) or real_fit(*a, **kw))
     losses = train_captioner(dec, fmaps, labels, captions, epochs=8, batch_size=32, lr=3e-3, progress=False)
-    assert losses[-1] < 0.5 * losses[0]
+    assert len(calls) == 1 and calls[0]["ignore_index"] == WordVocab.PAD  # the one training loop, padding unscored
+    assert len(losses) == 8 and losses[-1] < 0.5 * losses[0]
     words = [text.split()[-1].rstrip(".") for text in vocab.decode(dec.generate(prototypes))]
     assert words == classes
 

@@ -48,7 +48,7 @@ def test_matches_seed_formula_over_random_shapes(scale, seed):
         with torch.no_grad():
             block.gamma.fill_(torch.randn(()).item())  # a trained-looking gamma, so the attention term counts
         x = torch.randn(B, C, H, W)
-        out, weights = block(x, return_weights=True)
+        out, weights = block(x, return_attention=True)
         s = 1 / math.sqrt(C // r) if scale is None else scale
         ref_out, ref_weights = seed_formula(block, x, s)
         assert out.shape == x.shape and weights.shape == (B, H * W, H * W)
@@ -60,7 +60,7 @@ def test_matches_seed_formula_over_random_shapes(scale, seed):
 def test_softmax_runs_over_keys_each_query_row_sums_to_one():
     torch.manual_seed(0)
     block = SelfAttention2d(16, reduction=4)
-    _, weights = block(torch.randn(3, 16, 5, 6), return_weights=True)
+    _, weights = block(torch.randn(3, 16, 5, 6), return_attention=True)
     assert (weights >= 0).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 30))  # over keys: one distribution per query
     assert not torch.allclose(weights.sum(-2), torch.ones(3, 30), atol=1e-3)  # columns do not: axis matters

@@ -120,7 +120,7 @@ def test_vit_shapes_for_several_configurations(seed: int) -> None:
 
 
 def test_count_flops_sees_attention() -> None:
-    model = ViT(image_size=32, patch_size=4, dim=32, depth=2, heads=4).eval()
+    model = ViT(image_size=32, patch_size=4, dim=32, depth=2, num_heads=4).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, 32, 32), return_attention=True)  # the readable path: plain matmuls
     n, dim = 65, 32
@@ -129,19 +129,19 @@ def test_count_flops_sees_attention() -> None:
 
 
 def test_zero_head_and_position_embeddings() -> None:
-    model = ViT(dim=32, depth=1, heads=2, pos_embedding="sincos")
+    model = ViT(dim=32, depth=1, num_heads=2, pos_embedding="sincos")
     assert torch.count_nonzero(model(torch.randn(2, 3, 32, 32))) == 0  # zero-initialised head: uniform start
     assert "pos_embedding" not in dict(model.named_parameters())  # fixed, not trained
     torch.testing.assert_close(model.pos_embedding[1:], sinusoidal_position_encoding_2d(8, 8, 32))
     assert torch.count_nonzero(model.pos_embedding[0]) == 0  # the class token has no position
-    learned = ViT(dim=32, depth=1, heads=2, pool="mean")
+    learned = ViT(dim=32, depth=1, num_heads=2, pool="mean")
     assert learned.cls_token is None and learned.pos_embedding.shape == (64, 32) and learned.pos_embedding.requires_grad
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_only_the_position_embedding_tells_the_patches_apart(pool: str) -> None:
     torch.manual_seed(0)
-    model = ViT(image_size=8, patch_size=2, dim=16, depth=2, heads=2, pool=pool).eval()
+    model = ViT(image_size=8, patch_size=2, dim=16, depth=2, num_heads=2, pool=pool).eval()
     nn.init.normal_(model.head.weight)
     x = torch.randn(2, 3, 8, 8)
     perm = torch.randperm(16)
@@ -158,7 +158,7 @@ def test_only_the_position_embedding_tells_the_patches_apart(pool: str) -> None:
     ("kwargs", "match"),
     [
         ({"image_size": 32, "patch_size": 5}, r"patch_size=5 does not divide image_size=32.*\[1, 2, 4, 8, 16, 32\]"),
-        ({"dim": 30, "heads": 4}, r"dim=30 is not divisible by heads=4.*choose heads from"),
+        ({"dim": 30, "num_heads": 4}, r"dim=30 is not divisible by num_heads=4.*choose num_heads from"),
         ({"pool": "max"}, "pool must be 'cls'"),
         ({"pos_embedding": "rope"}, "pos_embedding must be"),
         ({"depth": 0}, "depth must be at least 1"),
@@ -166,20 +166,35 @@ def test_only_the_position_embedding_tells_the_patches_apart(pool: str) -> None:
 )
 def test_bad_vit_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        ViT(**({"dim": 32, "heads": 2} | kwargs))
+        ViT(**({"dim": 32, "num_heads": 2} | kwargs))
 
 
 @pytest.mark.parametrize(
     ("shape", "match"),
     [
-        ((2, 3, 28, 28), r"built for images of shape \(B, 3, 32, 32\), got \(2, 3, 28, 28\).*image_size=28"),
+        ((2, 3, 28, 28), r"expects images of shape \(B, 3, 32, 32\), got \(2, 3, 28, 28\).*resize or crop.* to 32x32"),
         ((3, 32, 32), "unsqueeze"),
         ((2, 1, 32, 32), r"\(B, 3, 32, 32\)"),
     ],
 )
 def test_wrong_input_image_is_a_clear_error(shape: tuple[int, ...], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        ViT(dim=16, depth=1, heads=2)(torch.randn(*shape))
+        ViT(dim=16, depth=1, num_heads=2)(torch.randn(*shape))
+
+
+def test_non_square_image_hint_names_no_wrong_size() -> None:
+    """A 28x32 image used to get the hint 'build the model with image_size=32', which cannot fit it."""
+    model = ViT(dim=16, depth=1, num_heads=2)
+    for shape in ((2, 3, 28, 32), (2, 3, 32, 28)):
+        with pytest.raises(ValueError, match=r"resize or crop the images to 32x32") as err:
+            model(torch.randn(*shape))
+        assert "image_size=" not in str(err.value)
+
+
+def test_vit_leaves_the_head_check_to_multi_head_attention() -> None:
+    with pytest.raises(ValueError, match=r"dim=30 is not divisible by num_heads=4") as err:
+        ViT(dim=30, num_heads=4)
+    assert err.traceback[-1].frame.code.name == "__init__" and "attention.py" in str(err.traceback[-1].path)
 
 
 def test_attention_rollout() -> None:
@@ -217,7 +232,7 @@ def test_recipes_build_and_train_a_step() -> None:
             model = make_vit(recipe)
         assert model.patch_embed.patch_size == recipe.patch_size and len(model.blocks) == recipe.depth
     torch.manual_seed(0)
-    model = ViT(image_size=8, patch_size=4, dim=16, depth=1, heads=2)
+    model = ViT(image_size=8, patch_size=4, dim=16, depth=1, num_heads=2)
     x, y = torch.randn(16, 3, 8, 8), torch.arange(16) % 10
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = None

@@ -12,15 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from companion.models.common import check_images
+
 __all__ = ["ConvGroup", "FastCNN", "SimpleCNN", "patch_whitening"]
-
-
-def _check_images(x: torch.Tensor, channels: int, size: int | None, name: str) -> None:
-    """Raise a clear ValueError unless ``x`` is a (B, channels, size, size) batch."""
-    if x.ndim != 4 or x.shape[1] != channels or (size is not None and tuple(x.shape[2:]) != (size, size)):
-        want = f"(B, {channels}, {size}, {size})" if size is not None else f"(B, {channels}, H, W)"
-        hint = "; add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""
-        raise ValueError(f"{name} expects images of shape {want}, got {tuple(x.shape)}{hint}")
 
 
 class SimpleCNN(nn.Module):
@@ -36,7 +30,7 @@ class SimpleCNN(nn.Module):
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, 3, 32, "SimpleCNN")  # the 400 inputs of fc1 are 16 maps of 5x5: only 32x32 fits
+        check_images(x, "SimpleCNN", 3, 32)  # the 400 inputs of fc1 are 16 maps of 5x5: only 32x32 fits
         x = self.pool(F.relu(self.conv1(x)))  # (B, 6, 14, 14)
         x = self.pool(F.relu(self.conv2(x)))  # (B, 16, 5, 5)
         x = x.flatten(1)  # (B, 400)
@@ -101,19 +95,27 @@ class FastCNN(nn.Module):
         self.stem.weight.requires_grad_(False)
         return eigenvalues
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_images(x, 3, None, "FastCNN")
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images, checked -> (B, stem_width, H-1, W-1) activations of the stem."""
+        check_images(x, type(self).__name__, 3, min_size=self.min_size)
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: several times faster convolutions on CPU
-        if min(x.shape[2:]) < self.min_size:
-            raise ValueError(
-                f"FastCNN with {len(self.stages)} stages needs images of at least "
-                f"{self.min_size}x{self.min_size}, got {tuple(x.shape[2:])}"
-            )
-        x = F.gelu(self.stem(x))  # (B, stem_width, 31, 31)
+        return F.gelu(self.stem(x))  # (B, stem_width, 31, 31)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, widths[-1], h, w) features of the last stage."""
+        x = self.forward_stem(x)  # (B, stem_width, 31, 31)
         for stage in self.stages:
             x = stage(x)  # (B, width, H/2, W/2)
-        x = self.pool(x).flatten(1)  # (B, widths[-1]): global max pooling
+        return x
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, widths[-1], h, w) features -> (B, num_classes) logits."""
+        x = self.pool(features).flatten(1)  # (B, widths[-1]): global max pooling
         return self.head(x) * self.logit_scale  # (B, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, num_classes) logits."""
+        return self.forward_head(self.forward_features(x))
 
 
 @torch.no_grad()

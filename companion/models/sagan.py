@@ -10,11 +10,11 @@ one such block after a chosen stage; everything else is shared, so the two diffe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion.attention import scaled_dot_product_attention
-from companion.models.cnn import FastCNN, _check_images
+from companion.models.cnn import FastCNN
+from companion.models.common import check_images
 
 __all__ = ["AttentionCNN", "SelfAttention2d"]
 
@@ -39,23 +39,23 @@ class SelfAttention2d(nn.Module):
         self.value = nn.Conv2d(channels, channels, kernel_size=1)
         self.gamma = nn.Parameter(torch.zeros(()))  # 0: the block starts as the identity
 
-    def forward(self, x: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """(B, C, H, W) -> (B, C, H, W); with ``return_weights`` also the attention map (B, H*W, H*W).
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> (B, C, H, W); with ``return_attention`` also the attention map (B, H*W, H*W).
 
         Row ``i`` of the map holds the weights with which position ``i`` (row-major, ``i = h * W + w``)
         averages all positions; each row sums to 1.
         """
-        _check_images(x, self.channels, None, "SelfAttention2d")
+        check_images(x, "SelfAttention2d", self.channels)
         B, C, H, W = x.shape
         q = self.query(x).flatten(2).transpose(1, 2)  # (B, HW, C/r): one query per position
         k = self.key(x).flatten(2).transpose(1, 2)  # (B, HW, C/r)
         v = self.value(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        out = scaled_dot_product_attention(q, k, v, scale=self.scale, return_weights=return_weights)
-        if return_weights:
+        out = scaled_dot_product_attention(q, k, v, scale=self.scale, return_attention=return_attention)
+        if return_attention:
             out, weights = out  # weights (B, HW, HW): softmax over the last axis, the keys
         out = out.transpose(1, 2).reshape(B, C, H, W)  # (B, C, HW) -> (B, C, H, W)
         out = self.gamma * out + x
-        return (out, weights) if return_weights else out
+        return (out, weights) if return_attention else out
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, reduction={self.reduction}, scale={self.scale}"
@@ -89,23 +89,21 @@ class AttentionCNN(FastCNN):
         self.attention_after = attention_after
         self.attention = SelfAttention2d(widths[attention_after - 1], reduction, scale)
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """(B, 3, H, W) images -> (B, num_classes) logits; with ``return_attention`` also the map (B, hw, hw)."""
-        _check_images(x, 3, None, "AttentionCNN")
-        x = x.contiguous(memory_format=torch.channels_last)
-        if min(x.shape[2:]) < self.min_size:
-            raise ValueError(
-                f"AttentionCNN with {len(self.stages)} stages needs images of at least "
-                f"{self.min_size}x{self.min_size}, got {tuple(x.shape[2:])}"
-            )
-        x = F.gelu(self.stem(x))  # (B, stem_width, H-1, W-1)
+    def forward_features(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, 3, H, W) images -> (B, widths[-1], h, w) features; with ``return_attention`` also the map (B, hw, hw)."""
+        x = self.forward_stem(x)  # (B, stem_width, H-1, W-1): FastCNN's checks and stem
         weights = None
         for i, stage in enumerate(self.stages, start=1):
             x = stage(x)  # (B, width, H/2, W/2)
             if i == self.attention_after:
-                x = self.attention(x, return_weights=return_attention)  # (B, width, h, w), same shape
+                x = self.attention(x, return_attention=return_attention)  # (B, width, h, w), same shape
                 if return_attention:
                     x, weights = x  # (B, h*w, h*w)
-        x = self.pool(x).flatten(1)  # (B, widths[-1]): global max pooling
-        logits = self.head(x) * self.logit_scale  # (B, num_classes)
-        return (logits, weights) if return_attention else logits
+        return (x, weights) if return_attention else x
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, 3, H, W) images -> (B, num_classes) logits; with ``return_attention`` also the map (B, hw, hw)."""
+        if not return_attention:
+            return self.forward_head(self.forward_features(x))
+        features, weights = self.forward_features(x, return_attention=True)
+        return self.forward_head(features), weights

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion.attention import MultiHeadAttention, sinusoidal_position_encoding_2d
+from companion.models.common import check_images
 
 __all__ = ["EncoderBlock", "PatchEmbedding", "ViT", "attention_rollout"]
 
@@ -42,13 +43,9 @@ class PatchEmbedding(nn.Module):
 
     def patchify(self, x: Tensor) -> Tensor:
         """(B, C, H, W) images -> (B, N, C * p * p) flattened patches, in row-major patch order."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
-            hint = "; add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""
-            raise ValueError(
-                f"this model was built for images of shape (B, {self.in_channels}, {self.image_size}, "
-                f"{self.image_size}), got {tuple(x.shape)}{hint}; resize the images or build the model "
-                f"with image_size={x.shape[-1]}"
-            )
+        s = self.image_size
+        hint = f"; resize or crop the images to {s}x{s}, or build a model for square images of another side"
+        check_images(x, "this model", self.in_channels, s, hint=hint)
         B, C, _, _ = x.shape
         p, g = self.patch_size, self.grid_size
         x = x.reshape(B, C, g, p, g, p)  # (B, C, row, i, col, j)
@@ -73,10 +70,10 @@ class PatchEmbedding(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-norm Transformer encoder block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))`` with a GELU MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float = 0.0, eps: float = 1e-5) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = MultiHeadAttention(dim, heads, dropout=dropout)
+        self.attn = MultiHeadAttention(dim, num_heads, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout)
@@ -85,7 +82,7 @@ class EncoderBlock(nn.Module):
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """(B, N, dim) -> (B, N, dim), and with ``return_attention`` the weights (B, heads, N, N)."""
-        out = self.attn(self.norm1(x), return_weights=return_attention)
+        out = self.attn(self.norm1(x), return_attention=return_attention)
         if return_attention:
             out, weights = out  # weights (B, heads, N, N)
         x = x + self.dropout(out)  # (B, N, dim)
@@ -132,7 +129,7 @@ class ViT(nn.Module):
         patch_size: int = 4,
         dim: int = 192,
         depth: int = 6,
-        heads: int = 3,
+        num_heads: int = 3,
         mlp_ratio: float = 2.0,
         num_classes: int = 10,
         pool: str = "cls",
@@ -145,12 +142,6 @@ class ViT(nn.Module):
             raise ValueError(f"pool must be 'cls' (class token) or 'mean' (average of the patch tokens), got {pool!r}")
         if pos_embedding not in {"learned", "sincos"}:
             raise ValueError(f"pos_embedding must be 'learned' or 'sincos', got {pos_embedding!r}")
-        if heads < 1 or dim % heads != 0:
-            divisors = [h for h in range(1, dim + 1) if dim % h == 0]
-            raise ValueError(
-                f"dim={dim} is not divisible by heads={heads}: each head gets dim // heads channels; "
-                f"choose heads from {divisors}"
-            )
         if depth < 1:
             raise ValueError(f"depth must be at least 1 encoder block, got {depth}")
         self.pool = pool
@@ -164,7 +155,7 @@ class ViT(nn.Module):
             g = self.patch_embed.grid_size
             grid = sinusoidal_position_encoding_2d(g, g, dim)  # (N, dim); the class token gets no position
             self.register_buffer("pos_embedding", torch.cat([torch.zeros(num_tokens - g * g, dim), grid]))
-        self.blocks = nn.ModuleList(EncoderBlock(dim, heads, round(mlp_ratio * dim), dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(EncoderBlock(dim, num_heads, round(mlp_ratio * dim), dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.apply(self._init_weights)
