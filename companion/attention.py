@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from companion.checks import check_divides
+
 __all__ = [
     "LearnedPositionEmbedding",
     "MultiHeadAttention",
@@ -170,12 +172,7 @@ class MultiHeadAttention(nn.Module):
         vdim: int | None = None,
     ) -> None:
         super().__init__()
-        if num_heads < 1 or dim % num_heads != 0:
-            divisors = [h for h in range(1, dim + 1) if dim % h == 0]
-            raise ValueError(
-                f"dim={dim} is not divisible by num_heads={num_heads}: each head gets dim // num_heads channels; "
-                f"choose num_heads from {divisors}"
-            )
+        check_divides(dim, num_heads, "dim", "num_heads", "each head gets dim // num_heads channels")
         _check_dropout(dropout, "dropout")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.kdim, self.vdim = kdim or dim, vdim or dim
@@ -197,8 +194,9 @@ class MultiHeadAttention(nn.Module):
         """(B, N, dim) queries over (B, M, kdim) keys -> (B, N, dim), and per-head weights (B, heads, N, M).
 
         ``attn_mask``: bool (True = attend) or float, of shape (N, M), (B, N, M) or (B, heads, N, M)
-        (size 1 allowed where shared). ``key_padding_mask``: bool (B, M), True = ignore that key (padding),
-        or float (B, M) added to the scores, as in ``nn.MultiheadAttention``.
+        (size 1 allowed where shared); a 2-D one is always (N, M), as in PyTorch. ``key_padding_mask``:
+        bool (B, M), True = ignore that key (padding), or float (B, M) added to the scores, as in
+        ``nn.MultiheadAttention``.
         """
         key = query if key is None else key
         value = key if value is None else value

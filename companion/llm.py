@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from companion.models.common import check_images
+from companion.checks import check_images
 
 __all__ = [
     "DEFAULT_TEXT_MODEL",

@@ -325,7 +325,7 @@ def test_clear_errors():
         scaled_dot_product_attention(q, k, v, dropout_p=1.5)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         scaled_dot_product_attention(torch.randn(8), k, v)
-    with pytest.raises(ValueError, match=r"dim=10 is not divisible by num_heads=4.*\[1, 2, 5, 10\]"):
+    with pytest.raises(ValueError, match=r"num_heads=4 does not divide dim=10.*\[1, 2, 5, 10\]"):
         MultiHeadAttention(10, 4)
     mha = MultiHeadAttention(8, 2)
     with pytest.raises(ValueError, match=r"query must have shape \(B, tokens, 8\)"):

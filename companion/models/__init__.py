@@ -3,7 +3,6 @@
 from companion.models.caption import CaptionDecoder, DecoderBlock, WordVocab, train_captioner  # noqa: F401
 from companion.models.cnn import FastCNN, SimpleCNN  # noqa: F401
 from companion.models.common import (  # noqa: F401
-    check_images,
     count_flops,
     count_parameters,
     format_table,

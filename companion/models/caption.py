@@ -18,7 +18,7 @@ from companion.attention import (
     causal_mask,
     sinusoidal_position_encoding_2d,
 )
-from companion.models.common import check_images
+from companion.checks import check_images
 from companion.train import fit
 
 __all__ = ["CaptionDecoder", "DecoderBlock", "WordVocab", "train_captioner"]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion.models.common import check_images
+from companion.checks import check_images
 
 __all__ = ["ConvGroup", "FastCNN", "SimpleCNN", "patch_whitening"]
 

@@ -10,39 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = [
-    "check_images",
-    "count_flops",
-    "count_parameters",
-    "format_table",
-    "load_weights",
-    "save_weights",
-    "summary",
-]
-
-
-def check_images(
-    x: torch.Tensor,
-    name: str,
-    channels: int | None = None,
-    size: int | None = None,
-    min_size: int | None = None,
-    hint: str = "",
-) -> None:
-    """Raise a clear ValueError unless ``x`` is a (B, channels, size, size) batch with sides of at least ``min_size``.
-
-    ``channels`` or ``size`` None: any. ``hint`` ends the message when only the image size is wrong.
-    """
-    wrong_channels = x.ndim != 4 or (channels is not None and x.shape[1] != channels)
-    if wrong_channels or (size is not None and tuple(x.shape[2:]) != (size, size)):
-        c = "C" if channels is None else channels
-        want = f"(B, {c}, H, W)" if size is None else f"(B, {c}, {size}, {size})"
-        unsqueeze = "; add a batch dimension with x.unsqueeze(0)" if x.ndim == 3 else ""
-        raise ValueError(
-            f"{name} expects images of shape {want}, got {tuple(x.shape)}{unsqueeze}{'' if wrong_channels else hint}"
-        )
-    if min_size is not None and min(x.shape[2:]) < min_size:
-        raise ValueError(f"{name} needs images of at least {min_size}x{min_size}, got {tuple(x.shape[2:])}")
+__all__ = ["count_flops", "count_parameters", "format_table", "load_weights", "save_weights", "summary"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

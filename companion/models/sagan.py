@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from companion.attention import scaled_dot_product_attention
+from companion.checks import check_images
 from companion.models.cnn import FastCNN
-from companion.models.common import check_images
 
 __all__ = ["AttentionCNN", "SelfAttention2d"]
 

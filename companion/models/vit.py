@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion.attention import MultiHeadAttention, sinusoidal_position_encoding_2d
-from companion.models.common import check_images
+from companion.checks import check_divides, check_images
 
 __all__ = ["EncoderBlock", "PatchEmbedding", "ViT", "attention_rollout"]
 
@@ -30,12 +30,7 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, dim: int = 192) -> None:
         super().__init__()
-        if patch_size < 1 or image_size % patch_size != 0:
-            divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
-            raise ValueError(
-                f"patch_size={patch_size} does not divide image_size={image_size}: the patches must tile the "
-                f"image exactly; choose patch_size from {divisors}"
-            )
+        check_divides(image_size, patch_size, "image_size", "patch_size", "the patches must tile the image exactly")
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size**2
