@@ -152,3 +152,18 @@ def test_attention_cnn_trains_gamma():
         opt.step()
     assert model.attention.gamma.item() != 0.0
     assert model.attention.query.weight.grad.abs().sum() > 0  # once gamma moved, the projections learn too
+
+
+def test_attention_cnn_reuses_fastcnn_features_and_head():
+    """The stem-and-stages body is FastCNN's: with gamma = 0 the features equal FastCNN's, with the same names."""
+    torch.manual_seed(0)
+    plain = FastCNN((8, 16, 32)).eval()
+    torch.manual_seed(0)
+    model = AttentionCNN((8, 16, 32), attention_after=2).eval()
+    assert set(plain.state_dict()) < set(model.state_dict())  # FastCNN's keys, plus the attention block's
+    x = torch.randn(3, 3, 20, 24)
+    features, weights = model.forward_features(x, return_attention=True)
+    assert features.shape == (3, 32, 2, 2) and weights.shape == (3, 20, 20)
+    torch.testing.assert_close(features, plain.forward_features(x))  # gamma = 0: the block is the identity
+    torch.testing.assert_close(model.forward_head(features), model(x))
+    torch.testing.assert_close(plain.forward_head(plain.forward_features(x)), plain(x))
