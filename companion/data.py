@@ -8,22 +8,36 @@
    or a ``.tar.gz`` of one (``cifar10-jpeg.tar.gz``, the offline copy of the book's machines);
 4. only when downloading is allowed: torchvision's download of the original.
 
-The first source found is decoded once and cached as uint8 tensors; later calls read the cache.
+The first source found is decoded once and cached as uint8 tensors (``cifar10-<split>-uint8-v2.pt`` in
+the root, or in the user cache when the root is read-only); later calls read the cache. The cache records
+its source (path, sizes, modification times, content hashes of archives and batch files) and a sha256 of
+its tensors: a cache whose source changed, or whose bytes do not match, is decoded again (with a warning).
+One process decodes while others wait on a file lock; the cache is written to a temporary file and renamed.
+
+Every source gives the images in a mixed class order, so "the first N" images hold every class: the
+python batches keep their own (already mixed) order, and a class-folder tree or archive is sorted by
+(class, file name) and then shuffled by ``torch.randperm(N, generator=torch.Generator().manual_seed(ORDER_SEED))``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import numbers
 import os
 import pickle
+import sys
 import tarfile
+import tempfile
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -35,6 +49,7 @@ __all__ = [
     "CIFAR10_STD",
     "DataNotFoundError",
     "DeviceLoader",
+    "ORDER_SEED",
     "data_root",
     "load_cifar10",
 ]
@@ -47,7 +62,9 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 _ARCHIVE = "cifar10-jpeg.tar.gz"
 _TREE = "cifar10-jpeg"
 _BATCHES = "cifar-10-batches-py"
-_SPLIT_SIZE = {"train": 50_000, "test": 10_000}
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+_FORMAT = 2  # the cache's layout; a cache in any other format is decoded again, never trusted
+ORDER_SEED = 0  # class-folder sources are shuffled by torch.randperm(N, generator=manual_seed(ORDER_SEED))
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -71,7 +88,7 @@ def _user_cache() -> Path:
 
 def _cache_paths(root: Path, split: str) -> list[Path]:
     """Where the decoded cache may live: in the root, or (root read-only) in the user cache."""
-    name = f"cifar10-{split}-uint8.pt"
+    name = f"cifar10-{split}-uint8-v{_FORMAT}.pt"
     tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]  # one cache per data root
     return [root / name, _user_cache() / f"from-{tag}" / name]
 
@@ -87,12 +104,94 @@ def _check(images: torch.Tensor, labels: torch.Tensor, origin: str) -> tuple[tor
     return images, labels.long()
 
 
-def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensor_sha256(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of the images' and labels' bytes (about 0.1-0.4 s for the 150 MB training split)."""
+    digest = hashlib.sha256(images.contiguous().numpy())
+    digest.update(labels.contiguous().numpy())
+    return digest.hexdigest()
+
+
+class _Source:
+    """A copy of CIFAR-10 that can be decoded, and its identity (what the cache records to notice a change)."""
+
+    def __init__(self, kind: str, path: Path, split: str) -> None:
+        self.kind, self.path, self.split = kind, path, split
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.path}"
+
+    def files(self) -> list[Path]:
+        """The files the split is decoded from."""
+        if self.kind == "python batches":
+            return [self.path / name for name in _batch_names(self.split)]
+        if self.kind == "archive":
+            return [self.path]
+        return _tree_files(self.path, self.split)
+
+    def identity(self, hashes: bool = False) -> dict:
+        """Kind, path, per file [name, size, mtime_ns, sha256 if ``hashes``]; folders: [count, bytes, mtime_ns]."""
+        files = [p for p in self.files() if p.is_file()]
+        stats = [p.stat() for p in files]
+        if self.kind == "folder":  # 60,000 small files: their count, total size and latest change
+            summary = [len(stats), sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)]
+        else:
+            summary = [
+                [p.name, s.st_size, s.st_mtime_ns, _sha256_file(p) if hashes else None] for p, s in zip(files, stats)
+            ]
+        return {"kind": self.kind, "path": str(self.path.resolve()), "files": summary}
+
+    def matches(self, recorded: object) -> bool:
+        """True if ``recorded`` (a cache's record of its source) describes this source as it is now."""
+        now = self.identity()
+        if not isinstance(recorded, dict) or [recorded.get("kind"), recorded.get("path")] != [now["kind"], now["path"]]:
+            return False
+        old, new = recorded.get("files"), now["files"]
+        if self.kind == "folder" or not isinstance(old, list) or len(old) != len(new):
+            return old == new
+        # A file whose modification time changed but whose content did not (a copy) still matches.
+        folder = self.path.parent if self.kind == "archive" else self.path
+        return all(
+            isinstance(rec, list)
+            and len(rec) == 4
+            and rec[:2] == cur[:2]
+            and (rec[2] == cur[2] or rec[3] == _sha256_file(folder / cur[0]))
+            for rec, cur in zip(old, new)
+        )
+
+
+def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Read and verify a cache file; ``_BadCache`` says why it cannot be used."""
     try:
         blob = torch.load(path, weights_only=True)
-        return _check(blob["images"], blob["labels"], str(path))
-    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f"the cache file {path} is unreadable ({err}); delete it and load again") from err
+    except Exception as err:  # noqa: BLE001 - any unreadable file (truncated, not a torch file, foreign pickle)
+        raise _BadCache(f"unreadable ({type(err).__name__})") from err
+    if not isinstance(blob, dict) or not {"images", "labels", "sha256", "source", "counts"} <= blob.keys():
+        raise _BadCache("not a decoded CIFAR-10 cache of this version")
+    images, labels = blob["images"], blob["labels"]
+    if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor)):
+        raise _BadCache("not a decoded CIFAR-10 cache of this version")
+    if blob.get("format") != _FORMAT:
+        raise _BadCache(f"written in an older format ({blob.get('format', 1)}, now {_FORMAT})")
+    try:
+        images, labels = _check(images, labels, str(path))
+    except ValueError as err:
+        raise _BadCache("wrong shapes or labels") from err
+    counts = torch.bincount(labels, minlength=10).tolist()
+    if _tensor_sha256(images, labels) != blob["sha256"] or counts != blob["counts"]:
+        raise _BadCache("its checksum does not match its contents (damaged on disk?)")
+    return images, labels, blob["source"]
+
+
+class _BadCache(Exception):
+    """A cache file that cannot be used, and why."""
 
 
 def _writable(folder: Path) -> bool:
@@ -101,33 +200,63 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o200)
 
 
-def _write_cache(root: Path, split: str, images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
+def _cache_target(root: Path, split: str) -> Path | None:
+    """The first cache path whose folder can be written (created if needed), or None."""
     for path in _cache_paths(root, split):
         if path.parent.exists() and not _writable(path.parent):
             continue  # a read-only data folder (a shared copy): use the user cache instead
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"images": images, "labels": labels, "source": source}, tmp)
-            tmp.replace(path)
-            return
         except OSError:
-            continue  # read-only root: try the user cache next
+            continue
+        if _writable(path.parent):
+            return path
+    return None
+
+
+def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source: _Source) -> None:
+    """Write the cache atomically: a unique temporary file in the same folder, then ``os.replace``."""
+    blob = {
+        "format": _FORMAT,
+        "images": images.contiguous(),
+        "labels": labels.contiguous(),
+        "sha256": _tensor_sha256(images, labels),
+        "counts": torch.bincount(labels, minlength=10).tolist(),
+        "source": source.identity(hashes=True),
+    }
+    for stale in path.parent.glob(f".{path.stem}-*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a process killed while writing (we hold the lock)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _batch_names(split: str) -> list[str]:
+    return [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
 
 
 def _from_batches(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the original python pickles (``data_batch_1..5``, ``test_batch``)."""
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    """Read the original python pickles (``data_batch_1..5``, ``test_batch``); their order is kept (already mixed)."""
     images, labels = [], []
-    for name in names:
+    for name in _batch_names(split):
         path = folder / name
         if not path.is_file():
             raise ValueError(f"{folder} is incomplete: {name} is missing; delete the folder and download again")
-        with open(path, "rb") as f:
-            # The CIFAR-10 batches are pickles by design; only load copies you trust.
-            batch = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch["labels"])
+        try:
+            with open(path, "rb") as f:
+                # The CIFAR-10 batches are pickles by design; only load copies you trust.
+                batch = pickle.load(f, encoding="latin1")
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch["labels"])
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ValueError(
+                f"{path} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}); the file is probably "
+                f"truncated or damaged: delete {folder} and download it again"
+            ) from err
     return _check(torch.from_numpy(np.concatenate(images)), torch.tensor(labels), str(folder))
 
 
@@ -150,6 +279,7 @@ def _label_of(parts: tuple[str, ...], origin: str) -> int:
 
 
 def _stack(items: list[tuple[str, int, np.ndarray]], origin: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of a class-folder source in the fixed order: sorted by (class, file name), then ORDER_SEED's shuffle."""
     if not items:
         raise ValueError(f"{origin} holds no images for this split")
     items.sort(key=lambda t: (t[1], t[0]))  # class order, then file name: deterministic
@@ -157,14 +287,24 @@ def _stack(items: list[tuple[str, int, np.ndarray]], origin: str) -> tuple[torch
     if missing:
         names = ", ".join(CIFAR10_CLASSES[i] for i in sorted(missing))
         raise ValueError(f"{origin} has no images of class {names}; the copy is incomplete")
-    images = torch.from_numpy(np.stack([im for _, _, im in items]))
-    labels = torch.tensor([label for _, label, _ in items])
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(ORDER_SEED))
+    images = torch.from_numpy(np.stack([items[i][2] for i in order]))
+    labels = torch.tensor([items[i][1] for i in order])
     return _check(images, labels, origin)
+
+
+def _tree_files(folder: Path, split: str) -> list[Path]:
+    return sorted(p for p in (folder / split).glob("*/*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _has_images(folder: Path) -> bool:
+    """True if ``folder`` has class folders with at least one image (an emptied tree is no source)."""
+    return any(p.suffix.lower() in _IMAGE_SUFFIXES for p in folder.glob("*/*"))
 
 
 def _from_tree(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode ``<folder>/<split>/<class>/*.{jpg,png}``."""
-    files = sorted(p for p in (folder / split).glob("*/*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    files = _tree_files(folder, split)
     items = [
         (str(p.relative_to(folder)), _label_of(p.parts, str(folder)), _decode(p.read_bytes(), str(p)))
         for p in tqdm(files, desc=f"decoding {split} images", leave=False, mininterval=1)
@@ -208,14 +348,98 @@ def _download_allowed(download: bool | None) -> bool:
     return os.environ.get("COMPANION_DOWNLOAD", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
+def _check_subset(subset: object) -> None:
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, numbers.Integral)):
+        raise TypeError(f"subset must be a whole number of images (an int) or None, got {subset!r}")
+
+
 def _balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of a deterministic subset with (as far as possible) equally many images per class."""
+    """Indices of exactly ``n`` images, equally many per class (the first ``n % 10`` classes get one more).
+
+    Deterministic: each class's images are taken in the order of a fixed (seed 0) shuffle.
+    """
     if not 0 < n <= len(labels):
         raise ValueError(f"subset must be between 1 and {len(labels)}, got {n}")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     per_class = [order[labels[order] == c] for c in range(10)]
     take = [n // 10 + (1 if c < n % 10 else 0) for c in range(10)]
+    for c, (idx, k) in enumerate(zip(per_class, take)):
+        if len(idx) < k:
+            fits = 10 * min(len(i) for i in per_class)
+            raise ValueError(
+                f"subset={n} takes {k} images of class {CIFAR10_CLASSES[c]!r}, but this split holds only {len(idx)}; "
+                f"a class-balanced subset of this copy can have at most {fits} images (10 x the rarest class)"
+            )
     return torch.cat([idx[:k] for idx, k in zip(per_class, take)]).sort().values
+
+
+def _find_source(root: Path, split: str) -> _Source | None:
+    """The first copy of CIFAR-10 in ``root``, in the order of this module's docstring (the cache aside)."""
+    if (root / _BATCHES).is_dir():
+        return _Source("python batches", root / _BATCHES, split)
+    if _has_images(root / _TREE / split):
+        return _Source("folder", root / _TREE, split)
+    if any((root / split / c).is_dir() for c in CIFAR10_CLASSES) and _has_images(root / split):
+        return _Source("folder", root, split)
+    if (root / _ARCHIVE).is_file():
+        return _Source("archive", root / _ARCHIVE, split)
+    return None
+
+
+_announced: set[str] = set()
+
+
+def _announce(line: str) -> None:
+    """Print where the data came from, once per process (on stderr, beside the progress bars: not a result)."""
+    if line not in _announced:
+        _announced.add(line)
+        print(line, file=sys.stderr)
+
+
+Loaded = tuple[torch.Tensor, torch.Tensor, str]  # images, labels, where they came from
+
+
+def _from_cache(root: Path, split: str, source: _Source | None) -> tuple[Loaded | None, list[str]]:
+    """A verified cache of ``source`` (of any source, if None), and the reasons other cache files were refused."""
+    problems = []
+    for path in _cache_paths(root, split):
+        if not path.is_file():
+            continue
+        try:
+            images, labels, recorded = _read_cache(path)
+        except _BadCache as err:
+            problems.append(f"the decoded cache {path} cannot be used: {err}")
+            continue
+        origin = f"the {recorded.get('kind')} {recorded.get('path')}" if isinstance(recorded, dict) else "?"
+        if source is not None and not source.matches(recorded):
+            problems.append(f"the decoded cache {path} is stale: it was decoded from {origin}, which changed since")
+            continue
+        gone = "" if source is not None else " (that source is no longer in the data root)"
+        return (images, labels, f"CIFAR-10: read the decoded cache in {path.parent}, decoded from {origin}{gone}"), []
+    return None, problems
+
+
+def _build(root: Path, split: str, source: _Source | None) -> Loaded:
+    """Decode ``source`` (None: download the original) and cache it; one process at a time per cache folder."""
+    target = _cache_target(root, split)
+    with FileLock(f"{target}.lock") if target is not None else contextlib.nullcontext():
+        if target is not None:
+            done, _ = _from_cache(root, split, source)
+            if done is not None:  # another process decoded it while this one waited for the lock
+                return done
+        how = "decoded from the"
+        if source is None:
+            try:
+                _download(root, split)
+            except (OSError, RuntimeError) as err:
+                raise DataNotFoundError(_not_found_message(root, download_tried=True, reason=str(err))) from err
+            source, how = _Source("python batches", root / _BATCHES, split), "downloaded and decoded the"
+        reader = {"python batches": _from_batches, "folder": _from_tree, "archive": _from_archive}[source.kind]
+        images, labels = reader(source.path, split)
+        if target is not None:
+            _write_cache(target, images, labels, source)
+        where = f"cached in {target.parent}" if target is not None else "not cached: no writable folder"
+    return images, labels, f"CIFAR-10: {how} {source} ({where})"
 
 
 def load_cifar10(
@@ -226,39 +450,29 @@ def load_cifar10(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a CIFAR-10 split as ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``.
 
-    ``root`` defaults to ``$COMPANION_DATA``, else a per-user cache folder. ``subset=N`` takes a
-    deterministic, class-balanced subset. ``download=None`` allows torchvision's download unless
-    ``COMPANION_DOWNLOAD=0``; ``download=False`` never downloads.
+    ``root`` defaults to ``$COMPANION_DATA``, else a per-user cache folder. ``subset=N`` takes exactly N
+    images, class-balanced and deterministic. ``download=None`` allows torchvision's download unless
+    ``COMPANION_DOWNLOAD=0``; ``download=False`` never downloads. Prints, once per process, where the
+    data came from.
     """
+    _check_subset(subset)
     split = "train" if train else "test"
     root = data_root(root)
-    images = labels = None
-
-    cache = next((p for p in _cache_paths(root, split) if p.is_file()), None)
-    if cache is not None:
-        images, labels = _read_cache(cache)
-    else:
-        source = None
-        if (root / _BATCHES).is_dir():
-            source, reader = root / _BATCHES, _from_batches
-        elif (root / _TREE / split).is_dir():
-            source, reader = root / _TREE, _from_tree
-        elif (root / split).is_dir() and any((root / split / c).is_dir() for c in CIFAR10_CLASSES):
-            source, reader = root, _from_tree
-        elif (root / _ARCHIVE).is_file():
-            source, reader = root / _ARCHIVE, _from_archive
-        elif _download_allowed(download):
-            source, reader = root, _download
-        if source is None:
+    source = _find_source(root, split)
+    loaded, problems = _from_cache(root, split, source)
+    if loaded is None:
+        if source is None and not _download_allowed(download):
+            if problems:
+                raise ValueError(
+                    f"{problems[0]}, and {root} holds no copy of CIFAR-10 to decode it again from; delete the "
+                    "cache file and point the loader at a copy (root=... or COMPANION_DATA)"
+                )
             raise DataNotFoundError(_not_found_message(root, download_tried=False))
-        try:
-            images, labels = reader(source, split)
-        except (OSError, RuntimeError) as err:
-            if reader is not _download:
-                raise
-            raise DataNotFoundError(_not_found_message(root, download_tried=True, reason=str(err))) from err
-        _write_cache(root, split, images, labels, str(source))
-
+        for problem in problems:
+            warnings.warn(f"{problem}; decoding it again from {source or 'a download'}", stacklevel=2)
+        loaded = _build(root, split, source)
+    images, labels, how = loaded
+    _announce(how)
     if subset is not None:
         keep = _balanced_subset(labels, subset)
         images, labels = images[keep], labels[keep]

@@ -85,7 +85,10 @@ def _optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, mome
 def predict(
     model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of a whole data set, on the CPU; ``tta_flip`` averages with the mirrored images."""
+    """Logits and labels of a whole data set, on the CPU; ``tta_flip`` averages with the mirrored images.
+
+    The batches are moved to the model's device; results stay there until one copy to the CPU at the end.
+    """
     was_training = model.training
     model.eval()
     dev = _model_device(model)
@@ -96,16 +99,28 @@ def predict(
             logits = model(x).float()
             if tta_flip:
                 logits = 0.5 * (logits + model(x.flip(3)).float())
-        all_logits.append(logits.cpu())
-        all_labels.append(y.cpu())
+        all_logits.append(logits)
+        all_labels.append(y)
     model.train(was_training)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    if not all_logits:
+        raise ValueError("the data yields no batches (an empty data set?); nothing to predict or evaluate")
+    return torch.cat(all_logits).cpu(), torch.cat([y.to(dev) for y in all_labels]).cpu()
 
 
 def evaluate(model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (in [0, 1]) of ``model`` on ``data``."""
     logits, labels = predict(model, data, tta_flip=tta_flip, amp=amp)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def _diverged(epoch: int, step: int, lr: float) -> FloatingPointError:
+    """The error ``fit`` raises when the training loss stops being a finite number."""
+    return FloatingPointError(
+        f"training diverged: the loss became NaN or infinite in epoch {epoch}, step {step} (lr={lr:g}). "
+        "Usual causes: a learning rate too high for this model and batch size (try a 3-10x smaller lr, or "
+        "gradient clipping with grad_clip=1.0), or bad inputs (NaN or infinite pixel values, wrong labels); "
+        "check the data with torch.isfinite(images).all()."
+    )
 
 
 def fit(
@@ -132,7 +147,8 @@ def fit(
     SGD with Nesterov momentum (default lr 0.05) or AdamW (default lr 1e-3); the learning rate warms
     up linearly over the first ``warmup`` fraction of steps, then decays to zero ('onecycle': linearly,
     'cosine': along a half cosine). Mixed precision (bfloat16) is used on CUDA only, when ``amp``.
-    The model is moved to the device of the data's first batch.
+    The model is moved to the device of the data's first batch. A loss that stops being finite (NaN or
+    infinite) raises ``FloatingPointError`` at the end of that epoch, naming the first bad step.
 
     Batches are ``(x, y)``: ``x`` a tensor, or a tuple of tensors passed as ``model(*x)``; ``y`` class labels
     (B,) for logits (B, C), or targets (B, ...) for logits (B, ..., C) such as next tokens. Targets equal to
@@ -143,8 +159,12 @@ def fit(
     steps_per_epoch = len(train_data)  # type: ignore[arg-type]
     if steps_per_epoch == 0:
         raise ValueError("train_data yields no batches (empty data set, or batch_size larger than it with drop_last)")
+    if test_data is not None and hasattr(test_data, "__len__") and len(test_data) == 0:
+        raise ValueError("test_data yields no batches (an empty test set?); pass test_data=None to train without it")
     if lr is None:
         lr = 0.05 if optimizer == "sgd" else 1e-3
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr}")
     opt = _optimizer(model, optimizer, lr, weight_decay, momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, epochs * steps_per_epoch, warmup))
 
@@ -153,15 +173,17 @@ def fit(
     for epoch in range(epochs):
         model.train()
         start = time.perf_counter()
-        loss_sum = torch.zeros(())
-        correct = torch.zeros((), dtype=torch.long)
-        scored = torch.zeros((), dtype=torch.long)  # targets that count: not ignore_index
-        seen = 0
-        for x, y in train_data:
-            if seen == 0 and epoch == 0:
-                model.to(y.device)
-                loss_sum, correct, scored = loss_sum.to(y.device), correct.to(y.device), scored.to(y.device)
-                history.device = str(y.device)
+        # Per-epoch sums, kept on the batches' device (made at the first batch): no host sync per step.
+        loss_sum = correct = scored = first_bad = None
+        for step, (x, y) in enumerate(train_data):
+            if loss_sum is None:
+                if epoch == 0:
+                    model.to(y.device)
+                    history.device = str(y.device)
+                loss_sum = torch.zeros((), device=y.device)
+                correct = torch.zeros((), dtype=torch.long, device=y.device)
+                scored = torch.zeros((), dtype=torch.long, device=y.device)  # targets that count: not ignore_index
+                first_bad = torch.full((), -1, dtype=torch.long, device=y.device)  # first step with a bad loss
             with _autocast(y.device, amp):
                 logits = model(*x) if isinstance(x, tuple) else model(x)  # (B, C) or (B, ..., C)
                 loss = F.cross_entropy(
@@ -181,12 +203,18 @@ def fit(
             loss_sum += loss.detach() * n
             correct += ((logits.argmax(-1) == y) & keep).sum()
             scored += n
-            seen += len(y)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             bar.update(1)
+        if loss_sum is None:
+            raise ValueError(f"train_data yielded no batches in epoch {epoch + 1}")
         if loss_sum.device.type == "cuda":
             torch.cuda.synchronize()
         history.seconds.append(time.perf_counter() - start)
-        history.train_loss.append(loss_sum.item() / scored.item())
+        train_loss = loss_sum.item() / scored.item()  # host syncs once per epoch, not per step
+        if not math.isfinite(train_loss):
+            bar.close()
+            raise _diverged(epoch + 1, int(first_bad.item()) + 1, lr)
+        history.train_loss.append(train_loss)
         history.train_acc.append(correct.item() / scored.item())
         history.lr.append(opt.param_groups[0]["lr"])
         postfix = {"epoch": epoch + 1, "loss": f"{history.train_loss[-1]:.3f}", "acc": f"{history.train_acc[-1]:.3f}"}

@@ -17,6 +17,7 @@ from companion.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
     CIFAR10_STD,
+    ORDER_SEED,
     DataNotFoundError,
     DeviceLoader,
     data_root,
@@ -48,12 +49,14 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _expected(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A class-folder source as load_cifar10 documents it: sorted by (class, file name), then a seeded shuffle."""
     images, labels = [], []
     for label in range(10):
         for i in range(PER_CLASS[split]):
             images.append(_pixels(split, label, i).transpose(2, 0, 1))
             labels.append(label)
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(ORDER_SEED))
+    return torch.from_numpy(np.stack(images))[order], torch.tensor(labels)[order]
 
 
 def make_tree(folder: Path) -> Path:
@@ -120,7 +123,7 @@ def test_python_batches(tmp_path):
 def test_decoded_once_then_read_from_the_cache(tmp_path):
     make_tree(tmp_path / "cifar10-jpeg")
     first = load_cifar10(train=False, root=tmp_path)
-    assert (tmp_path / "cifar10-test-uint8.pt").is_file()
+    assert (tmp_path / "cifar10-test-uint8-v2.pt").is_file()
     for p in (tmp_path / "cifar10-jpeg").rglob("*.png"):
         p.unlink()  # the source is gone: only the cache can answer now
     second = load_cifar10(train=False, root=tmp_path)
@@ -133,8 +136,8 @@ def test_read_only_root_caches_in_the_user_cache(tmp_path):
     os.chmod(root, 0o555)
     try:
         images, _ = load_cifar10(train=False, root=root)
-        assert not (root / "cifar10-test-uint8.pt").exists()
-        cached = list((tmp_path / "user-cache" / "companion").rglob("cifar10-test-uint8.pt"))
+        assert not (root / "cifar10-test-uint8-v2.pt").exists()
+        cached = list((tmp_path / "user-cache" / "companion").rglob("cifar10-test-uint8-v2.pt"))
         assert len(cached) == 1
         assert torch.equal(torch.load(cached[0], weights_only=True)["images"], images)
     finally:
