@@ -19,6 +19,19 @@ def _device_name(dev: torch.device) -> str:
     return name
 
 
+def _device(device: str | None, default: torch.device) -> torch.device:
+    """The device to measure on; a clear error for one that this machine does not have."""
+    dev = torch.device(device) if device else default
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--device {device} asks for a CUDA GPU, but PyTorch sees none here (torch.cuda.is_available() is "
+            "False); run on a machine with an NVIDIA GPU and a CUDA build of PyTorch, or use --device cpu"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"--device {device} asks for Apple's MPS, which is not available here; use --device cpu")
+    return dev
+
+
 def bench_conv(device: str | None = None, num_threads: int | None = None) -> None:
     """Print the speed of conv2d_naive, conv2d (im2col) and F.conv2d on a few sizes."""
     import torch.nn.functional as F
@@ -27,7 +40,7 @@ def bench_conv(device: str | None = None, num_threads: int | None = None) -> Non
     from companion.conv import conv2d, conv2d_naive
     from companion.runtime import device as best_device
 
-    dev = torch.device(device) if device else best_device()
+    dev = _device(device, best_device())
     threads = num_threads or torch.get_num_threads()
     print(f"device: {dev} ({_device_name(dev)}), torch {torch.__version__}, {threads} CPU threads")
     print("3x3 convolution, padding 1, float32; median time per call (torch.utils.benchmark, warm-up included)")
@@ -72,7 +85,7 @@ def bench_attention(
     from companion.runtime import device as best_device
     from companion.runtime import quick
 
-    dev = torch.device(device) if device else best_device()
+    dev = _device(device, best_device())
     threads = num_threads or torch.get_num_threads()  # CPU threads used while timing
     if lengths is None:
         lengths = (64, 128, 256, 512, 1024) if quick() else (64, 128, 256, 512, 1024, 2048, 4096)
@@ -138,13 +151,14 @@ def bench_attention(
 
 def bench_text(device: str | None = None, name: str | None = None, repeats: int = 5) -> list[float]:
     """Print (and return) the seconds to embed every CIFAR-10 prompt of every template, cache emptied each time."""
+    dev = _device(device, torch.device("cpu"))  # TextEncoder's default device; checked before anything loads
+
     import statistics
     import time
 
     from companion.data import CIFAR10_CLASSES
     from companion.llm import TEMPLATES, TextEncoder, class_embeddings
 
-    dev = torch.device(device) if device else torch.device("cpu")  # TextEncoder's default device
     start = time.perf_counter()
     encoder = TextEncoder(name, device=dev)
     print(f"device: {dev} ({_device_name(dev)}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads")

@@ -183,7 +183,7 @@ def conv2d_naive(
 
 
 def _pool_windows(
-    input: torch.Tensor, kernel_size: IntPair, stride: IntPair | None, padding: IntPair, fill: float, what: str
+    input: torch.Tensor, kernel_size: IntPair, stride: IntPair | None, padding: IntPair, fill: float | int, what: str
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad with ``fill`` and unfold: returns windows (B, C, kH*kW, L) and the output size (H_out, W_out)."""
     _check_4d(input, what)
@@ -203,16 +203,24 @@ def max_pool2d(
     input: torch.Tensor, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0
 ) -> torch.Tensor:
     """Max pooling as F.max_pool2d: the largest value of each window (padding counts as -inf)."""
-    windows, (H_out, W_out) = _pool_windows(input, kernel_size, stride, padding, float("-inf"), "max_pool2d")
+    lowest = float("-inf") if input.is_floating_point() else torch.iinfo(input.dtype).min  # integers have no -inf
+    windows, (H_out, W_out) = _pool_windows(input, kernel_size, stride, padding, lowest, "max_pool2d")
     return windows.amax(dim=2).view(*input.shape[:2], H_out, W_out)  # (B, C, H_out, W_out)
 
 
 def avg_pool2d(
     input: torch.Tensor, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0
 ) -> torch.Tensor:
-    """Average pooling as F.avg_pool2d (count_include_pad=True): each window's sum divided by kH*kW."""
-    windows, (H_out, W_out) = _pool_windows(input, kernel_size, stride, padding, 0.0, "avg_pool2d")
-    return windows.mean(dim=2).view(*input.shape[:2], H_out, W_out)  # (B, C, H_out, W_out)
+    """Average pooling as F.avg_pool2d (count_include_pad=True): each window's sum divided by kH*kW.
+
+    Integer input gives the quotient rounded towards zero, as F.avg_pool2d does for int64.
+    """
+    windows, (H_out, W_out) = _pool_windows(input, kernel_size, stride, padding, 0, "avg_pool2d")
+    if input.is_floating_point():
+        out = windows.mean(dim=2)
+    else:
+        out = windows.sum(dim=2).div(windows.shape[2], rounding_mode="trunc")
+    return out.view(*input.shape[:2], H_out, W_out)  # (B, C, H_out, W_out)
 
 
 def _as_2d(array: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:

@@ -113,7 +113,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _tensor_sha256(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """sha256 of the images' and labels' bytes (about 0.1-0.4 s for the 150 MB training split)."""
+    """sha256 of the images' and labels' bytes: one fast pass, a fraction of a second for the 150 MB train split."""
     digest = hashlib.sha256(images.contiguous().numpy())
     digest.update(labels.contiguous().numpy())
     return digest.hexdigest()
@@ -171,7 +171,7 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Read and verify a cache file; ``_BadCache`` says why it cannot be used."""
     try:
         blob = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file (truncated, not a torch file, foreign pickle)
+    except Exception as err:  # any unreadable file: truncated, not a torch file, a foreign pickle ...
         raise _BadCache(f"unreadable ({type(err).__name__})") from err
     if not isinstance(blob, dict) or not {"images", "labels", "sha256", "source", "counts"} <= blob.keys():
         raise _BadCache("not a decoded CIFAR-10 cache of this version")
@@ -333,13 +333,12 @@ def _from_archive(archive: Path, split: str) -> tuple[torch.Tensor, torch.Tensor
     return _stack(items, str(archive))
 
 
-def _download(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchvision's download of the original CIFAR-10 into ``root``, then read its batches."""
+def _download(root: Path, split: str) -> None:
+    """torchvision's download of the original CIFAR-10 (python batches) into ``root``."""
     from torchvision.datasets import CIFAR10
 
     root.mkdir(parents=True, exist_ok=True)
     CIFAR10(str(root), train=split == "train", download=True)
-    return _from_batches(root / _BATCHES, split)
 
 
 def _download_allowed(download: bool | None) -> bool:
@@ -493,6 +492,8 @@ def _not_found_message(root: Path, download_tried: bool, reason: str = "") -> st
 class DeviceLoader:
     """Batches of an in-memory image tensor, augmented and normalised on the device.
 
+    ``images`` are uint8 (N, C, H, W) with C = len(mean), as ``load_cifar10`` returns them; float images
+    in [0, 1] are accepted only with ``float_input=True``, and then rounded to uint8 once.
     The whole uint8 data set is moved to ``device`` once. Each batch is converted to float,
     optionally augmented (random horizontal flip, random translation by up to ``pad`` pixels
     with zero padding) and normalised there, so the training loop does no per-image PIL work.
@@ -511,11 +512,30 @@ class DeviceLoader:
         pad: int = 4,
         drop_last: bool = False,
         seed: int = 0,
+        float_input: bool = False,
     ) -> None:
         if images.ndim != 4 or images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"images must be (N, C, H, W) with one label each; got {tuple(images.shape)} and {tuple(labels.shape)}"
             )
+        if images.shape[1] != len(mean):
+            raise ValueError(
+                f"images have {images.shape[1]} channel(s), but mean and std have {len(mean)} values: DeviceLoader "
+                f"expects (N, {len(mean)}, H, W); for grey images repeat the channel (images.expand(-1, 3, -1, -1)) "
+                "or pass matching mean and std"
+            )
+        if images.is_floating_point() and float_input:
+            if images.numel() and not (images.min() >= 0 and images.max() <= 1):  # also False for NaN
+                raise ValueError("float_input=True expects images in [0, 1]; these hold values outside it (or NaN)")
+            images = images.mul(255).round_().to(torch.uint8)
+        elif images.dtype != torch.uint8:
+            hint = "; for float images in [0, 1] pass float_input=True" if images.is_floating_point() else ""
+            raise TypeError(
+                "DeviceLoader expects uint8 images (N, C, H, W) with values 0..255, as load_cifar10 returns them; "
+                f"got {images.dtype}{hint}"
+            )
+        if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be 1-D integers (N,), got {labels.dtype} of shape {tuple(labels.shape)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = torch.device(device) if device is not None else best_device()

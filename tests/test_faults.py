@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import math
 import multiprocessing
 import os
+import pickle
 import shutil
+import signal
 import tarfile
 import time
 from pathlib import Path
@@ -14,14 +18,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 import companion
-from companion import data
-from companion.data import DeviceLoader, load_cifar10
+from companion import data, llm
+from companion.attention import scaled_dot_product_attention
+from companion.bench import bench_attention, bench_conv, bench_text
+from companion.conv import avg_pool2d, max_pool2d
+from companion.data import CIFAR10_CLASSES, DeviceLoader, load_cifar10
+from companion.models.common import load_weights, save_weights
 from companion.recipes import CNNRecipe, make_cnn
-from companion.train import fit
+from companion.train import evaluate, fit
 
 
 @pytest.fixture(autouse=True)
@@ -181,3 +190,232 @@ def test_concurrent_first_loads_decode_once(fake_cifar):
     want = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
     assert [g for g in got if g != "decoded"] == [want] * 4
     assert not list(fake_cifar.glob("*.tmp")) and not list(fake_cifar.glob(".*.tmp"))
+
+
+# --- issue 14 items 7 and 8: DeviceLoader and subset check what they are given ---------------------------
+
+
+def test_device_loader_takes_uint8_rgb_or_says_what_it_expects():
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(8)
+    floats = images.float() / 255
+    with pytest.raises(TypeError, match=r"expects uint8 images .*got torch.float32.*float_input=True"):
+        DeviceLoader(floats, labels, device="cpu")  # was divided by 255 a second time
+    x_float, _ = next(iter(DeviceLoader(floats, labels, 8, device="cpu", float_input=True)))
+    x_uint8, _ = next(iter(DeviceLoader(images, labels, 8, device="cpu")))
+    assert torch.equal(x_float, x_uint8)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        DeviceLoader(floats * 255, labels, device="cpu", float_input=True)
+    with pytest.raises(ValueError, match=r"1 channel\(s\).*expects \(N, 3, H, W\)"):
+        DeviceLoader(images[:, :1], labels, device="cpu")  # was broadcast to three channels
+    with pytest.raises(TypeError, match="labels must be 1-D integers"):
+        DeviceLoader(images, labels.float(), device="cpu")
+
+
+def test_subset_is_exact_or_says_which_class_ran_short(fake_cifar):
+    for png in sorted((fake_cifar / "train" / "cat").glob("*.png"))[1:]:
+        png.unlink()  # 4 images of every class but one cat: 37 in all
+    images, labels = load_cifar10(train=True, root=fake_cifar, subset=10)
+    assert len(images) == 10 and torch.bincount(labels).tolist() == [1] * 10
+    with pytest.raises(ValueError, match=r"subset=30 takes 3 images of class 'cat', but this split holds only 1"):
+        load_cifar10(train=True, root=fake_cifar, subset=30)  # returned 28 images
+    for bad in (2.5, "100", True):
+        with pytest.raises(TypeError, match="subset must be a whole number of images"):
+            load_cifar10(train=True, root=fake_cifar, subset=bad)
+
+
+# --- issue 14: clear errors instead of confusing tracebacks ---------------------------------------------
+
+
+def test_load_weights_names_a_bad_file(tmp_path):
+    model = tiny_cnn()
+    good = tmp_path / "good.safetensors"
+    save_weights(model, good)
+    raw = good.read_bytes()
+    torch.save(model.state_dict(), tmp_path / "torch.pt")
+    bad = {"truncated": raw[: len(raw) // 2], "empty": b"", "torch": (tmp_path / "torch.pt").read_bytes()}
+    for name, content in bad.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{path} \(.* bytes\) is not a readable .safetensors file"):
+            load_weights(tiny_cnn(), path)
+    load_weights(tiny_cnn(), good)
+
+
+def test_truncated_python_batch_names_the_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_batches(folder, 4)
+    raw = (folder / "data_batch_3").read_bytes()
+    (folder / "data_batch_3").write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(ValueError, match=rf"{folder / 'data_batch_3'} is not a readable CIFAR-10 batch"):
+        load_cifar10(train=True, root=tmp_path)
+
+
+def test_bench_on_a_missing_gpu_says_so_before_loading_anything(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(llm, "TextEncoder", lambda *a, **k: pytest.fail("loaded a model before checking the device"))
+    for bench in (bench_text, bench_conv, bench_attention):
+        with pytest.raises(RuntimeError, match=r"--device cuda asks for a CUDA GPU, but PyTorch sees none"):
+            bench(device="cuda")
+
+
+def test_cache_holding_the_wrong_object(fake_cifar):
+    want, _ = load_cifar10(train=False, root=fake_cifar)
+    for name in ("cifar10-test-uint8.pt", "cifar10-test-uint8-v2.pt"):  # the old and the current name
+        torch.save([1, 2, 3], fake_cifar / name)
+    with pytest.warns(UserWarning, match=r"cifar10-test-uint8-v2.pt cannot be used: not a decoded CIFAR-10 cache"):
+        images, _ = load_cifar10(train=False, root=fake_cifar)
+    assert torch.equal(images, want)
+    torch.save(torch.zeros(3), fake_cifar / "cifar10-test-uint8-v2.pt")
+    shutil.rmtree(fake_cifar / "test")
+    with pytest.raises(ValueError, match=r"cifar10-test-uint8-v2.pt cannot be used: not a decoded .*no copy"):
+        load_cifar10(train=False, root=fake_cifar)
+
+
+def test_fit_refuses_an_empty_test_set_before_training():
+    model = tiny_cnn()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="test_data yields no batches"):
+        fit(model, float_batches(), test_data=[], epochs=1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before any step
+    with pytest.raises(ValueError, match="the data yields no batches"):
+        evaluate(model, iter([]))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_integer_max_pool2d_with_padding_matches_pytorch(dtype):
+    g = torch.Generator().manual_seed(0)
+    low = 0 if dtype == torch.uint8 else -100
+    x = torch.randint(low, 100, (2, 3, 9, 7), generator=g).to(dtype)
+    for kernel, stride, padding in [(3, 1, 1), (3, 2, 1), ((2, 4), (1, 2), (1, 2)), (5, 3, 2)]:
+        assert torch.equal(max_pool2d(x, kernel, stride, padding), F.max_pool2d(x, kernel, stride, padding))
+        if dtype == torch.int64:  # the one integer type F.avg_pool2d takes
+            assert torch.equal(avg_pool2d(x, kernel, stride, padding), F.avg_pool2d(x, kernel, stride, padding))
+
+
+# --- issue 15 item 1: every source gives the images in a mixed class order ------------------------------
+
+
+def write_tree(folder: Path, per_class: int) -> Path:
+    """train/ and test/ class folders with ``per_class`` distinct PNG images per class."""
+    for split in ("train", "test"):
+        for label, name in enumerate(CIFAR10_CLASSES):
+            (folder / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.random.default_rng([len(split), label, i]).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / split / name / f"{i}.png")
+    return folder
+
+
+def write_batches(folder: Path, per_batch: int) -> Path:
+    """Fake original python batches (five training batches and a test batch), classes mixed as in the original."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(v) for v in rng.permutation(np.arange(per_batch) % 10)]
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    return folder
+
+
+@pytest.mark.parametrize("source", ["python batches", "folder", "archive", "cache"])
+def test_the_first_100_images_hold_every_class(tmp_path, capsys, source):
+    root = tmp_path / "data"
+    if source == "python batches":
+        write_batches(root / "cifar-10-batches-py", 200)
+    else:
+        tree = write_tree(tmp_path / "tree", 20)  # 200 images per split: sorted by class, 100 would be 5 classes
+        if source == "archive":
+            make_archive(tree, root / "cifar10-jpeg.tar.gz")
+        else:
+            shutil.move(tree, root / "cifar10-jpeg")
+    if source == "cache":
+        for train in (True, False):
+            load_cifar10(train=train, root=root)
+        shutil.rmtree(root / "cifar10-jpeg")
+    for train in (True, False):
+        images, labels = load_cifar10(train=train, root=root)
+        assert len(set(labels[:100].tolist())) == 10, f"{source}: {torch.bincount(labels[:100], minlength=10)}"
+    said = capsys.readouterr().err
+    where = {"cache": "read the decoded cache in"}.get(source, f"decoded from the {source}")
+    assert said.count(f"CIFAR-10: {where}") == 1, said  # once per process, not once per split or call
+
+
+# --- probes that already passed: kept so that they stay so ----------------------------------------------
+
+
+def test_archive_members_with_traversal_names_are_never_written(fake_cifar, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    archive = make_archive(fake_cifar, root / "cifar10-jpeg.tar.gz")
+    with tarfile.open(archive, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    png = next(data for m, data in members if data is not None)
+    with tarfile.open(archive, "w:gz") as tar:
+        for member, content in members:
+            tar.addfile(member, io.BytesIO(content) if content is not None else None)
+        for name in ("../../escaped.png", "/tmp/escaped-absolute.png", "train/cat/../../../escaped-too.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(png)
+            tar.addfile(info, io.BytesIO(png))
+    work = tmp_path / "work" / "dir"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    before = {p for p in tmp_path.rglob("*")}
+    images, _ = load_cifar10(train=True, root=root)
+    assert len(images) == 40
+    written = {p for p in tmp_path.rglob("*")} - before
+    assert all(p.parent == root and p.name.startswith("cifar10-train-uint8") for p in written)  # the cache only
+    assert not Path("/tmp/escaped-absolute.png").exists()
+
+
+def _decode_then_hang(root: Path, stage: str, ready) -> None:
+    """Load CIFAR-10 and hang either while decoding or half-way through writing the cache."""
+    if stage == "decode":
+
+        def hang(folder: Path, split: str):
+            ready.set()
+            time.sleep(600)
+
+        data._from_tree = hang
+    else:
+        real_save = torch.save
+
+        def half_save(obj, f):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as out:
+                out.write(buffer.getvalue()[: buffer.tell() // 2])
+                out.flush()
+                ready.set()
+                time.sleep(600)
+
+        torch.save = half_save
+    load_cifar10(train=False, root=root)
+
+
+@pytest.mark.parametrize("stage", ["decode", "write"])
+def test_kill_during_the_first_decode_leaves_no_half_written_cache(fake_cifar, stage):
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    worker = ctx.Process(target=_decode_then_hang, args=(fake_cifar, stage, ready))
+    worker.start()
+    assert ready.wait(60)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+    assert not list(fake_cifar.glob("cifar10-test-uint8*.pt"))  # no cache that a later load could trust
+    images, labels = load_cifar10(train=False, root=fake_cifar)  # the lock died with the process
+    assert len(images) == 20 and torch.bincount(labels).tolist() == [2] * 10
+    assert not list(fake_cifar.glob("*.tmp")) and not list(fake_cifar.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fully_masked_rows_give_zeros_without_nan(fused):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 3, 5, 5, generator=g) < 0.5
+    mask[:, :, 2] = False  # query 2 may attend to no key at all
+    out = scaled_dot_product_attention(q, k, v, mask, fused=fused)
+    assert torch.equal(out[:, :, 2], torch.zeros(2, 3, 8)) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

@@ -104,12 +104,21 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load weights written by ``save_weights`` into ``model`` (same architecture, strict) and return it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights file at {path}; write one with save_weights(model, path)")
     p = next(model.parameters(), None)
-    state = load_file(os.fspath(path), device=str(p.device) if p is not None else "cpu")
+    try:
+        state = load_file(os.fspath(path), device=str(p.device) if p is not None else "cpu")
+    except SafetensorError as err:
+        size = os.path.getsize(path)
+        raise ValueError(
+            f"{path} ({size:,} bytes) is not a readable .safetensors file ({err}): it is empty, truncated (an "
+            "interrupted copy or save?) or another format (torch.save's .pt?); save the weights again with "
+            "save_weights(model, path)"
+        ) from err
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
