@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from companion import exercises
 from companion.runtime import quick
 
 
@@ -28,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--save", default=None, help="write the trained weights to this .safetensors file")
 
+    exercises.add_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "exercises":
+        return exercises.main(args)
     if args.command == "bench":
         from companion import bench as benchmarks
 
