@@ -54,6 +54,11 @@ class _Grader:
 
     def call(self, fn: Callable, *args: Any, where: str, **kwargs: Any) -> Any:
         """Call the student's code; an exception becomes a failure that says where and how it was called."""
+        if not callable(fn):
+            self.fail(
+                f"expected a function or a class, got {type(fn).__name__}: pass it without calling it, "
+                f"{self.name}(my_function)"
+            )
         try:
             return fn(*args, **kwargs)
         except NotImplementedError:
@@ -621,7 +626,7 @@ def check_label_smoothing(fn: Callable[..., Tensor]) -> None:
 
 def check_self_attention_2d(cls: type[nn.Module]) -> None:
     """Check SAGAN's block ``cls(channels, reduction)``: 1x1 convs ``query``, ``key``, ``value`` and ``gamma``."""
-    from companion.models.sagan import SelfAttention2d
+    from companion.models import SelfAttention2d
 
     g = _Grader("check_self_attention_2d")
     torch.manual_seed(0)
@@ -803,7 +808,7 @@ def check_patch_embedding_conv(fn: Callable[[nn.Linear, int, int], nn.Module]) -
 
 def check_encoder_block(cls: type[nn.Module]) -> None:
     """Check a pre-norm encoder block ``cls(dim, num_heads, mlp_dim)`` with companion.models.EncoderBlock's layers."""
-    from companion.models.vit import EncoderBlock
+    from companion.models import EncoderBlock
 
     g = _Grader("check_encoder_block")
     torch.manual_seed(9)

@@ -13,8 +13,8 @@ from torch import nn
 from companion import grading
 from companion.attention import MultiHeadAttention, sinusoidal_position_encoding
 from companion.conv import conv2d, conv2d_naive, max_pool2d
-from companion.models.sagan import SelfAttention2d
-from companion.models.vit import EncoderBlock, attention_rollout
+from companion.models import EncoderBlock, SelfAttention2d
+from companion.models.vit import attention_rollout
 
 
 def _fails_with(check, fn, *fragments: str) -> str:
@@ -674,6 +674,7 @@ def test_not_implemented_and_raising(check):
         return None
 
     _fails_with(check, not_done, check.__name__, "not done yet")
+    _fails_with(check, torch.zeros(3), "expected a function or a class, got Tensor")
     _fails_with(check, raises, "your code raised RuntimeError: boom")
     assert "got NoneType" in _fails_with(check, returns_none) or "expected an int" in _fails_with(check, returns_none)
 
