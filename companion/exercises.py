@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -230,11 +231,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``exercises release`` or ``exercises check``; the exit status is 1 when an exercise failed."""
-    if args.action == "release":
-        for path in release(args.out_dir, args.notebooks):
-            print(f"wrote {path}")
-        return 0
-    results, elsewhere = check(args.notebook, exercises_only=args.exercises_only, timeout=args.timeout)
+    """Run ``exercises release`` or ``exercises check``; exit status 1 when an exercise failed, 2 on a bad argument."""
+    try:
+        if args.action == "release":
+            for path in release(args.out_dir, args.notebooks):
+                print(f"wrote {path}")
+            return 0
+        results, elsewhere = check(args.notebook, exercises_only=args.exercises_only, timeout=args.timeout)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(format_results(args.notebook, results, elsewhere, as_json=args.json))
     return 0 if all(r.passed for r in results) else 1

@@ -125,6 +125,14 @@ def test_release_notebook_stubs_each_region_at_its_indentation():
         release_notebook({"cells": [unterminated]}, "nb.ipynb")
 
 
+def test_cli_bad_arguments(tmp_path, capsys):
+    assert main(["exercises", "check", str(tmp_path / "missing.ipynb")]) == 2
+    assert "no notebook at" in capsys.readouterr().err
+    (tmp_path / "plain.ipynb").write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    assert main(["exercises", "check", str(tmp_path / "plain.ipynb")]) == 2
+    assert "no grader cells" in capsys.readouterr().err
+
+
 def test_release_refuses_to_overwrite_the_book(tmp_path):
     with pytest.raises(ValueError, match="book's own notebook"):
         release(CHAPTERS[0].parent, [CHAPTERS[0]])
