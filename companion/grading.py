@@ -313,7 +313,10 @@ def _attention(
 
 
 def check_attention(fn: Callable[..., Tensor]) -> None:
-    """Check ``fn(q, k, v, mask=None) -> output`` (bool mask, True = attend) against PyTorch's attention."""
+    """Check ``fn(q, k, v, attn_mask=None) -> output`` (bool mask, True = attend) against PyTorch's attention.
+
+    The mask is passed as the fourth positional argument, so the function may name it as it likes.
+    """
     g = _Grader("check_attention")
     gen = torch.Generator().manual_seed(3)
     cases = [
@@ -340,9 +343,7 @@ def check_attention(fn: Callable[..., Tensor]) -> None:
         )
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-        out = (
-            g.call(fn, qg, kg, vg, mask=mask, where=where) if mask is not None else g.call(fn, qg, kg, vg, where=where)
-        )
+        out = g.call(fn, qg, kg, vg, mask, where=where) if mask is not None else g.call(fn, qg, kg, vg, where=where)
         hint = ""
         if isinstance(out, Tensor) and out.shape[:-2] == expected.shape[:-2] and out.shape[-2] == M != N:
             hint = ": one row per key; the output has one row per query, weights (N, M) @ v (M, d_v)"
