@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
         getattr(benchmarks, f"bench_{args.what}")(device=args.device)
     else:
-        module = {"cnn": "companion.recipes", "vit": "companion.recipe_vit", "llm": "companion.recipe_llm"}[args.what]
-        getattr(importlib.import_module(module), f"train_{args.what}")(
+        recipe = importlib.import_module(f"companion.recipes.{args.what}")
+        getattr(recipe, f"train_{args.what}")(
             quick=args.quick or quick(), epochs=args.epochs, root=args.data, seed=args.seed, save=args.save
         )
     return 0

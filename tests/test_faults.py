@@ -29,7 +29,7 @@ from companion.bench import bench_attention, bench_conv, bench_text
 from companion.conv import avg_pool2d, max_pool2d
 from companion.data import CIFAR10_CLASSES, DeviceLoader, load_cifar10
 from companion.models.common import load_weights, save_weights
-from companion.recipes import CNNRecipe, make_cnn
+from companion.recipes.cnn import CNNRecipe, make_cnn
 from companion.train import evaluate, fit
 
 

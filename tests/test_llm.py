@@ -24,7 +24,7 @@ from companion.models import (
     caption,
     train_captioner,
 )
-from companion.recipe_llm import LLM_RECIPE, llm_data, train_linear_baseline, train_llm
+from companion.recipes.llm import LLM_RECIPE, llm_data, train_linear_baseline, train_llm
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from companion.models import (
     summary,
 )
 from companion.models.cnn import patch_whitening
-from companion.recipes import CNN_RECIPE, make_cnn, train_cnn
+from companion.recipes.cnn import CNN_RECIPE, make_cnn, train_cnn
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from companion.attention import sinusoidal_position_encoding_2d
 from companion.models import EncoderBlock, PatchEmbedding, ViT, count_flops, load_weights
 from companion.models.vit import attention_rollout
-from companion.recipe_vit import VIT_RECIPE, VIT_RECIPE_GPU, ErasingLoader, make_vit, train_vit
+from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU, ErasingLoader, make_vit, train_vit
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32
 

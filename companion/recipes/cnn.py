@@ -1,4 +1,4 @@
-"""Training recipes: the settings of each chapter's headline run, in one place, and the function that runs it.
+"""Chapter 3's recipe: the fast CIFAR-10 CNN's settings in one place, and the function that trains it.
 
 ``python -m companion train cnn`` calls :func:`train_cnn`; Chapter 3 reuses :data:`CNN_RECIPE` and the same
 function, so the book's numbers and the command line come from one code path.
@@ -7,20 +7,18 @@ function, so the book's numbers and the command line come from one code path.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from companion.data import DeviceLoader, load_cifar10
 from companion.models.cnn import FastCNN
 from companion.models.common import save_weights
-from companion.runtime import device as best_device
+from companion.recipes.common import fit_recipe, report, whitening_batch
 from companion.runtime import seed_everything
-from companion.train import Batches, evaluate, fit
 
-__all__ = ["CNN_RECIPE", "CNNRecipe", "cnn_data", "fit_recipe", "make_cnn", "report", "train_cnn", "whitening_batch"]
+__all__ = ["CNN_RECIPE", "CNNRecipe", "cnn_data", "make_cnn", "train_cnn"]
 
 
 @dataclass(frozen=True)
@@ -75,59 +73,6 @@ def cnn_data(
     train = DeviceLoader(x, y, batch_size, shuffle=True, augment=recipe.augment, drop_last=True, seed=seed)
     test = DeviceLoader(xt, yt, batch_size=1000)
     return train, test
-
-
-def whitening_batch(train: DeviceLoader, n: int = 5_000) -> torch.Tensor:
-    """The first ``n`` training images, normalised, on the loader's device (for FastCNN's whitened stem)."""
-    n = min(n, len(train.labels))
-    return next(iter(DeviceLoader(train.images[:n], train.labels[:n], n, device=train.device)))[0]
-
-
-def fit_recipe(
-    model: nn.Module, train: Batches, test: DeviceLoader, recipe: Any, n_train: int, progress: bool = True
-) -> dict[str, Any]:
-    """Train ``model`` with the recipe's optimiser, schedule and epochs, evaluate with flip-TTA, return the figures.
-
-    The dict holds ``test_acc``, ``test_acc_tta``, ``train_seconds``, ``device``, ``threads``, ``epochs``,
-    ``n_train``, ``recipe`` (as a dict), and the trained ``model`` and its ``history``.
-    """
-    history = fit(
-        model,
-        train,
-        test,
-        epochs=recipe.epochs,
-        optimizer=recipe.optimizer,
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        schedule=recipe.schedule,
-        warmup=recipe.warmup,
-        label_smoothing=recipe.label_smoothing,
-        grad_clip=getattr(recipe, "grad_clip", None),
-        progress=progress,
-    )
-    _, acc_tta = evaluate(model, test, tta_flip=True)
-    return {
-        "test_acc": history.test_acc[-1],
-        "test_acc_tta": acc_tta,
-        "train_seconds": history.total_seconds,
-        "device": history.device or str(best_device()),
-        "threads": torch.get_num_threads(),
-        "epochs": recipe.epochs,
-        "n_train": n_train,
-        "recipe": asdict(recipe),
-        "model": model,
-        "history": history,
-    }
-
-
-def report(title: str, result: dict[str, Any], quick: bool, save: str | os.PathLike | None = None) -> None:
-    """Print one line: what ran, its accuracy, time and hardware (and where the weights were saved, if they were)."""
-    print(
-        f"{title} ({'quick' if quick else 'full'}, {result['epochs']} epochs, {result['n_train']:,} training images): "
-        f"test accuracy {result['test_acc']:.4f}, with flip-TTA {result['test_acc_tta']:.4f} | "
-        f"training {result['train_seconds']:.1f} s | device {result['device']} | torch threads {result['threads']}"
-        + (f" | weights saved to {save}" if save is not None else "")
-    )
 
 
 def train_cnn(

@@ -17,7 +17,8 @@ from companion.data import CIFAR10_CLASSES, DeviceLoader, load_cifar10
 from companion.llm import TEMPLATES, TextEncoder, class_embeddings
 from companion.models import ImageTextClassifier
 from companion.models.common import count_parameters, save_weights
-from companion.recipes import CNNRecipe, fit_recipe, make_cnn, report, whitening_batch
+from companion.recipes.cnn import CNNRecipe, make_cnn
+from companion.recipes.common import fit_recipe, report, whitening_batch
 from companion.runtime import seed_everything
 
 __all__ = ["LLM_RECIPE", "LLMRecipe", "llm_data", "train_linear_baseline", "train_llm"]

@@ -19,7 +19,7 @@ import torch
 from companion.data import DeviceLoader, load_cifar10
 from companion.models.common import save_weights
 from companion.models.vit import ViT
-from companion.recipes import fit_recipe, report
+from companion.recipes.common import fit_recipe, report
 from companion.runtime import device as best_device
 from companion.runtime import seed_everything
 
