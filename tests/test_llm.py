@@ -273,7 +273,7 @@ def test_caption_decoder_learns_to_name_the_class(monkeypatch: pytest.MonkeyPatc
 def test_recipe_trains_on_the_chosen_classes_only(fake_cifar, encoder: TextEncoder, capsys) -> None:
     tmp_path = fake_cifar
     recipe = replace(LLM_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, batch_size=4)
-    train, test, seen = llm_data(recipe, quick=True, root=tmp_path, classes=("cat", "truck"))
+    train, test, seen = llm_data(recipe.for_mode(True), root=tmp_path, classes=("cat", "truck"))
     assert sorted(seen.unique().tolist()) == [3, 9] and set(train.labels.tolist()) == {0, 1} and len(test.labels) == 4
     result = train_llm(
         quick=True,
@@ -285,13 +285,12 @@ def test_recipe_trains_on_the_chosen_classes_only(fake_cifar, encoder: TextEncod
         progress=False,
     )
     assert "test accuracy" in capsys.readouterr().out
-    assert sorted(result["train_labels_cifar10"].unique().tolist()) == [5, 6, 8] and result[
-        "model"
-    ].head.text.shape == (3, 384)
+    assert sorted(result.train_labels_cifar10.unique().tolist()) == [5, 6, 8]
+    assert result.model.head.text.shape == (3, 384) and result.classes == ("dog", "ship", "frog")
     baseline = train_linear_baseline(quick=True, epochs=1, root=tmp_path, recipe=recipe, progress=False, verbose=False)
-    assert baseline["model"].head.out_features == 10 and baseline["params"] < result["params"]
+    assert baseline.model.head.out_features == 10 and baseline.params < result.params
     with pytest.raises(ValueError, match="distinct CIFAR-10 class names"):
-        llm_data(recipe, quick=True, root=tmp_path, classes=("cat", "kitten"))
+        llm_data(recipe, root=tmp_path, classes=("cat", "kitten"))
 
 
 def test_bench_text_times_every_prompt(capsys, monkeypatch) -> None:

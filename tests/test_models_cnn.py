@@ -186,11 +186,12 @@ def test_train_cnn_end_to_end(fake_cifar, capsys) -> None:
     result = train_cnn(quick=True, epochs=2, root=tmp_path, save=save, recipe=recipe, progress=False)
     line = capsys.readouterr().out
     assert "test accuracy" in line and "flip-TTA" in line and "torch threads" in line
-    assert result["epochs"] == 2 and result["n_train"] == 40 and len(result["history"].test_acc) == 2
-    assert 0 <= result["test_acc"] <= 1 and 0 <= result["test_acc_tta"] <= 1 and result["train_seconds"] > 0
+    assert result.epochs == 2 and result.n_train == 40 and len(result.history.test_acc) == 2
+    assert result.recipe.quick and result.recipe.batch_size == 16 and result.recipe.n_test == 20
+    assert 0 <= result.test_acc <= 1 and 0 <= result.test_acc_tta <= 1 and result.train_seconds > 0
     reloaded = load_weights(FastCNN((8, 8, 8)), save)
     x = torch.randn(2, 3, 32, 32)
-    assert torch.allclose(reloaded.eval()(x), result["model"].cpu().eval()(x))
+    assert torch.allclose(reloaded.eval()(x), result.model.cpu().eval()(x))
 
 
 def test_make_cnn_needs_images_to_whiten() -> None:

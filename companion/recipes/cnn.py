@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
-from companion.data import DeviceLoader, load_cifar10
+from companion.data import DeviceLoader
 from companion.models.cnn import FastCNN
 from companion.models.common import save_weights
-from companion.recipes.common import fit_recipe, report, whitening_batch
+from companion.recipes.common import Recipe, Result, cifar10_loaders, fit_recipe, report, whitening_batch
 from companion.runtime import seed_everything
 
 __all__ = ["CNN_RECIPE", "CNNRecipe", "cnn_data", "make_cnn", "train_cnn"]
 
 
 @dataclass(frozen=True)
-class CNNRecipe:
+class CNNRecipe(Recipe):
     """Everything that defines the fast CIFAR-10 CNN run: model size, data, optimiser and schedule."""
 
     widths: tuple[int, ...] = (32, 64, 128)
@@ -38,12 +37,8 @@ class CNNRecipe:
     schedule: str = "onecycle"  # linear warm-up, then linear decay to zero
     warmup: float = 0.2
     label_smoothing: float = 0.2
-    n_train: int | None = None  # None: all 50,000 training images
-    n_test: int | None = None  # None: all 10,000 test images
-    quick_n_train: int = 2_000  # quick mode (COMPANION_QUICK=1 or --quick): a class-balanced subset ...
-    quick_n_test: int = 1_000
-    quick_epochs: int = 5  # ... a few epochs ...
-    quick_batch_size: int = 64  # ... and smaller batches, for enough steps
+    quick_epochs: int = 5  # quick mode: 2,000 training images for 5 epochs ...
+    quick_batch_size: int | None = 64  # ... in smaller batches, for enough steps
 
 
 CNN_RECIPE = CNNRecipe()
@@ -62,17 +57,10 @@ def make_cnn(
 
 
 def cnn_data(
-    recipe: CNNRecipe = CNN_RECIPE, quick: bool = False, root: str | os.PathLike | None = None, seed: int = 0
+    recipe: CNNRecipe = CNN_RECIPE, root: str | os.PathLike | None = None, seed: int = 0
 ) -> tuple[DeviceLoader, DeviceLoader]:
-    """Training loader (shuffled, augmented as the recipe says) and test loader of CIFAR-10 on the best device."""
-    n_train = recipe.quick_n_train if quick else recipe.n_train
-    n_test = recipe.quick_n_test if quick else recipe.n_test
-    x, y = load_cifar10(train=True, root=root, subset=n_train)
-    xt, yt = load_cifar10(train=False, root=root, subset=n_test)
-    batch_size = min(recipe.quick_batch_size if quick else recipe.batch_size, len(y))
-    train = DeviceLoader(x, y, batch_size, shuffle=True, augment=recipe.augment, drop_last=True, seed=seed)
-    test = DeviceLoader(xt, yt, batch_size=1000)
-    return train, test
+    """Training loader (``recipe.n_train`` images, shuffled, augmented as the recipe says) and test loader."""
+    return cifar10_loaders(recipe, root, seed, test_batch_size=1000)
 
 
 def train_cnn(
@@ -84,20 +72,22 @@ def train_cnn(
     recipe: CNNRecipe = CNN_RECIPE,
     progress: bool = True,
     verbose: bool = True,
-) -> dict[str, Any]:
+) -> Result:
     """Train the recipe's FastCNN on CIFAR-10 and report test accuracy (plain and with flip-TTA) and time.
 
-    Returns :func:`fit_recipe`'s dict; ``save`` writes the weights to a ``.safetensors`` file.
+    Runs ``recipe.for_mode(quick)``, with ``epochs`` in place of the recipe's if given; ``save`` writes the
+    weights to a ``.safetensors`` file.
     """
-    if epochs is None:
-        epochs = recipe.quick_epochs if quick else recipe.epochs
-    recipe = replace(recipe, epochs=epochs)
+    recipe = recipe.for_mode(quick)
+    if epochs is not None:
+        recipe = replace(recipe, epochs=epochs)
     seed_everything(seed)
-    train, test = cnn_data(recipe, quick=quick, root=root, seed=seed)
+    train, test = cnn_data(recipe, root=root, seed=seed)
     model = make_cnn(recipe, whitening_batch(train)).to(train.device)
-    result = fit_recipe(model, train, test, recipe, len(train.labels), progress)
+    result = fit_recipe(model, train, test, recipe, len(train.labels), f"FastCNN{recipe.widths}", progress)
+    if verbose:
+        report(result)
     if save is not None:
         save_weights(model, save)
-    if verbose:
-        report(f"FastCNN{recipe.widths}", result, quick, save)
+        print(f"weights saved to {save}")
     return result

@@ -1,19 +1,118 @@
-"""What the training recipes share: the runner that trains and evaluates a recipe's model, and its report."""
+"""What the training recipes share: the ``Recipe`` settings and quick mode, the data, the runner and its ``Result``."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from companion.data import DeviceLoader
+from companion.data import DeviceLoader, load_cifar10
 from companion.runtime import device as best_device
-from companion.train import Batches, evaluate, fit
+from companion.train import Batches, History, evaluate, fit
 
-__all__ = ["fit_recipe", "report", "whitening_batch"]
+__all__ = ["Recipe", "Result", "cifar10_loaders", "fit_recipe", "report", "whitening_batch"]
+
+R = TypeVar("R", bound="Recipe")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The settings every training run has: data sizes, optimiser, schedule, regularisation, and its quick mode.
+
+    ``for_mode(quick)`` gives the recipe that runs: in quick mode the ``quick_*`` sizes take the place of
+    ``n_train``, ``n_test``, ``epochs`` and ``batch_size``, so the object a caller holds and prints is what trains.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum 0.9) or "adamw"
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"  # linear warm-up, then linear ("onecycle") or half-cosine ("cosine") decay to zero
+    warmup: float = 0.2  # fraction of all steps
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None  # maximum gradient norm; None: no clipping
+    augment: bool = True  # random flips and 4-pixel translations (DeviceLoader)
+    n_train: int | None = None  # None: all 50,000 training images
+    n_test: int | None = None  # None: all 10,000 test images
+    quick_n_train: int = 2_000  # quick mode (COMPANION_QUICK=1 or --quick): a class-balanced subset ...
+    quick_n_test: int = 1_000
+    quick_epochs: int = 4  # ... a few epochs ...
+    quick_batch_size: int | None = None  # ... and this batch size (None: batch_size, the same in both modes)
+    quick: bool = False  # True in the recipe for_mode(True) returns: the quick sizes are in place
+
+    def for_mode(self: R, quick: bool) -> R:
+        """This recipe in quick mode (its quick sizes as n_train, n_test, epochs, batch_size), or unchanged."""
+        if not quick or self.quick:
+            return self
+        return replace(
+            self,
+            n_train=self.quick_n_train,
+            n_test=self.quick_n_test,
+            epochs=self.quick_epochs,
+            batch_size=self.quick_batch_size or self.batch_size,
+            quick=True,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Result:
+    """What a recipe run gives back: accuracies, time and hardware, the recipe that ran, the model and its history."""
+
+    title: str  # what was trained, as the result line names it
+    test_acc: float
+    test_acc_tta: float  # with flip test-time augmentation
+    train_seconds: float
+    device: str
+    threads: int  # torch's CPU threads
+    epochs: int
+    n_train: int
+    recipe: Recipe
+    model: nn.Module
+    history: History
+    date: str  # when training finished, ISO 8601 in UTC
+
+    def line(self) -> str:
+        """One line: what ran, in which mode, its accuracy, time and hardware."""
+        mode = "quick" if self.recipe.quick else "full"
+        return (
+            f"{self.title} ({mode}, {self.epochs} epochs, {self.n_train:,} training images): "
+            f"test accuracy {self.test_acc:.4f}, with flip-TTA {self.test_acc_tta:.4f} | "
+            f"training {self.train_seconds:.1f} s | device {self.device} | torch threads {self.threads}"
+        )
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-able summary of the run: what ran, in which mode, with which settings, its figures and hardware."""
+        return {
+            "model": self.title,
+            "recipe": type(self.recipe).__name__,
+            "mode": "quick" if self.recipe.quick else "full",
+            "settings": asdict(self.recipe),
+            "test_acc": self.test_acc,
+            "test_acc_tta": self.test_acc_tta,
+            "train_seconds": self.train_seconds,
+            "epochs": self.epochs,
+            "n_train": self.n_train,
+            "device": self.device,
+            "threads": self.threads,
+            "torch": torch.__version__,
+            "date": self.date,
+        }
+
+
+def cifar10_loaders(
+    recipe: Recipe, root: str | os.PathLike | None = None, seed: int = 0, test_batch_size: int = 1000
+) -> tuple[DeviceLoader, DeviceLoader]:
+    """The recipe's CIFAR-10 training loader (shuffled, augmented as it says) and test loader, on the best device."""
+    x, y = load_cifar10(train=True, root=root, subset=recipe.n_train)
+    xt, yt = load_cifar10(train=False, root=root, subset=recipe.n_test)
+    batch_size = min(recipe.batch_size, len(y))
+    train = DeviceLoader(x, y, batch_size, shuffle=True, augment=recipe.augment, drop_last=True, seed=seed)
+    return train, DeviceLoader(xt, yt, batch_size=test_batch_size)
 
 
 def whitening_batch(train: DeviceLoader, n: int = 5_000) -> torch.Tensor:
@@ -23,13 +122,15 @@ def whitening_batch(train: DeviceLoader, n: int = 5_000) -> torch.Tensor:
 
 
 def fit_recipe(
-    model: nn.Module, train: Batches, test: DeviceLoader, recipe: Any, n_train: int, progress: bool = True
-) -> dict[str, Any]:
-    """Train ``model`` with the recipe's optimiser, schedule and epochs, evaluate with flip-TTA, return the figures.
-
-    The dict holds ``test_acc``, ``test_acc_tta``, ``train_seconds``, ``device``, ``threads``, ``epochs``,
-    ``n_train``, ``recipe`` (as a dict), and the trained ``model`` and its ``history``.
-    """
+    model: nn.Module,
+    train: Batches,
+    test: DeviceLoader,
+    recipe: Recipe,
+    n_train: int,
+    title: str,
+    progress: bool = True,
+) -> Result:
+    """Train ``model`` with the recipe's optimiser, schedule and epochs; evaluate it, also with flip-TTA."""
     history = fit(
         model,
         train,
@@ -41,29 +142,26 @@ def fit_recipe(
         schedule=recipe.schedule,
         warmup=recipe.warmup,
         label_smoothing=recipe.label_smoothing,
-        grad_clip=getattr(recipe, "grad_clip", None),
+        grad_clip=recipe.grad_clip,
         progress=progress,
     )
     _, acc_tta = evaluate(model, test, tta_flip=True)
-    return {
-        "test_acc": history.test_acc[-1],
-        "test_acc_tta": acc_tta,
-        "train_seconds": history.total_seconds,
-        "device": history.device or str(best_device()),
-        "threads": torch.get_num_threads(),
-        "epochs": recipe.epochs,
-        "n_train": n_train,
-        "recipe": asdict(recipe),
-        "model": model,
-        "history": history,
-    }
-
-
-def report(title: str, result: dict[str, Any], quick: bool, save: str | os.PathLike | None = None) -> None:
-    """Print one line: what ran, its accuracy, time and hardware (and where the weights were saved, if they were)."""
-    print(
-        f"{title} ({'quick' if quick else 'full'}, {result['epochs']} epochs, {result['n_train']:,} training images): "
-        f"test accuracy {result['test_acc']:.4f}, with flip-TTA {result['test_acc_tta']:.4f} | "
-        f"training {result['train_seconds']:.1f} s | device {result['device']} | torch threads {result['threads']}"
-        + (f" | weights saved to {save}" if save is not None else "")
+    return Result(
+        title=title,
+        test_acc=history.test_acc[-1],
+        test_acc_tta=acc_tta,
+        train_seconds=history.total_seconds,
+        device=history.device or str(best_device()),
+        threads=torch.get_num_threads(),
+        epochs=recipe.epochs,
+        n_train=n_train,
+        recipe=recipe,
+        model=model,
+        history=history,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def report(result: Result) -> None:
+    """Print the run's result line."""
+    print(result.line())

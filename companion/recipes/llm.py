@@ -18,10 +18,10 @@ from companion.llm import TEMPLATES, TextEncoder, class_embeddings
 from companion.models import ImageTextClassifier
 from companion.models.common import count_parameters, save_weights
 from companion.recipes.cnn import CNNRecipe, make_cnn
-from companion.recipes.common import fit_recipe, report, whitening_batch
+from companion.recipes.common import Result, fit_recipe, report, whitening_batch
 from companion.runtime import seed_everything
 
-__all__ = ["LLM_RECIPE", "LLMRecipe", "llm_data", "train_linear_baseline", "train_llm"]
+__all__ = ["LLM_RECIPE", "LLMRecipe", "LLMResult", "llm_data", "train_linear_baseline", "train_llm"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class LLMRecipe(CNNRecipe):
     batch_size: int = 128  # more, smaller steps than Chapter 3's 512: the temperature needs them to settle
     lr: float = 0.2
     quick_epochs: int = 3  # quick mode: 2,000 images (Chapter 3's subset) for 3 epochs, fixed here for this chapter
-    quick_batch_size: int = 128  # the same batches in both modes (llm_data uses batch_size)
+    quick_batch_size: int | None = None  # the same batches in both modes
     text_model: str | None = None  # None: the bundled all-MiniLM-L6-v2
     templates: tuple[str, ...] = TEMPLATES
     init_temperature: float = 0.07  # CLIP's initial temperature: logit scale 1 / 0.07 = 14.3
@@ -41,14 +41,33 @@ class LLMRecipe(CNNRecipe):
 LLM_RECIPE = LLMRecipe()
 
 
+@dataclass(frozen=True, eq=False)
+class LLMResult(Result):
+    """A recipe :class:`Result` plus what Chapter 6 reads from its runs."""
+
+    params: int  # trainable parameters
+    classes: tuple[str, ...]  # the classes trained on, in the order of the model's outputs
+    train_labels_cifar10: torch.Tensor  # the original CIFAR-10 label of every training image
+    test: DeviceLoader  # the test images of those classes
+    temperature: float | None = None  # the cosine head's learned temperature (None for the linear head)
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-able summary of :meth:`Result.record`, plus the parameters, classes and temperature."""
+        return super().record() | {
+            "params": self.params,
+            "classes": list(self.classes),
+            "temperature": self.temperature,
+        }
+
+
 def llm_data(
     recipe: LLMRecipe = LLM_RECIPE,
-    quick: bool = False,
     root: str | os.PathLike | None = None,
     seed: int = 0,
     classes: Sequence[str] = CIFAR10_CLASSES,
 ) -> tuple[DeviceLoader, DeviceLoader, torch.Tensor]:
-    """Train and test loaders holding only the images of ``classes``, relabelled 0..len(classes)-1.
+    """Train and test loaders (of ``recipe.n_train`` and ``recipe.n_test`` images) holding only the images of
+    ``classes``, relabelled 0..len(classes)-1.
 
     Also returns the original CIFAR-10 labels of the training images, so a caller can check which classes
     the model saw.
@@ -59,32 +78,13 @@ def llm_data(
     keep = torch.tensor([CIFAR10_CLASSES.index(c) for c in classes])
     relabel = torch.full((10,), -1, dtype=torch.long)
     relabel[keep] = torch.arange(len(keep))
-    loaders = []
-    for train in (True, False):
-        n = (
-            (recipe.quick_n_train if quick else recipe.n_train)
-            if train
-            else (recipe.quick_n_test if quick else recipe.n_test)
-        )
-        x, y = load_cifar10(train=train, root=root, subset=n)
-        mask = torch.isin(y, keep)
-        x, y_orig = x[mask], y[mask]
-        if train:
-            seen = y_orig
-            loaders.append(
-                DeviceLoader(
-                    x,
-                    relabel[y_orig],
-                    min(recipe.batch_size, len(y_orig)),
-                    shuffle=True,
-                    augment=recipe.augment,
-                    drop_last=True,
-                    seed=seed,
-                )
-            )
-        else:
-            loaders.append(DeviceLoader(x, relabel[y_orig], batch_size=1000))
-    return loaders[0], loaders[1], seen
+    x, y = load_cifar10(train=True, root=root, subset=recipe.n_train)
+    xt, yt = load_cifar10(train=False, root=root, subset=recipe.n_test)
+    x, seen = x[torch.isin(y, keep)], y[torch.isin(y, keep)]
+    xt, yt = xt[torch.isin(yt, keep)], yt[torch.isin(yt, keep)]
+    batch_size = min(recipe.batch_size, len(seen))
+    train = DeviceLoader(x, relabel[seen], batch_size, shuffle=True, augment=recipe.augment, drop_last=True, seed=seed)
+    return train, DeviceLoader(xt, relabel[yt], batch_size=1000), seen
 
 
 def _train(
@@ -97,14 +97,13 @@ def _train(
     encoder: TextEncoder | None,
     classes: Sequence[str],
     progress: bool,
-) -> dict[str, Any]:
-    """Train the recipe's CNN with a ``'text'`` (cosine over class embeddings) or ``'linear'`` head; return "
-    "the figures."""
-    if epochs is None:
-        epochs = recipe.quick_epochs if quick else recipe.epochs
-    recipe = replace(recipe, epochs=epochs)
+) -> LLMResult:
+    """Train the recipe's CNN with a ``'text'`` (cosine over class embeddings) or ``'linear'`` head."""
+    recipe = recipe.for_mode(quick)
+    if epochs is not None:
+        recipe = replace(recipe, epochs=epochs)
     seed_everything(seed)
-    train, test, seen = llm_data(recipe, quick=quick, root=root, seed=seed, classes=classes)
+    train, test, seen = llm_data(recipe, root=root, seed=seed, classes=classes)
     whiten = whitening_batch(train)
     seed_everything(seed)  # the same initial CNN body for both heads
     if head == "text":
@@ -112,17 +111,24 @@ def _train(
         model = ImageTextClassifier(
             make_cnn(recipe, whiten), class_embeddings(encoder, classes, recipe.templates), recipe.init_temperature
         )
+        title = f"FastCNN{recipe.widths} + cosine head over {len(classes)} class-text embeddings"
     else:
         model = make_cnn(recipe, whiten, num_classes=len(classes))
+        title = f"FastCNN{recipe.widths} + linear head"
     model = model.to(train.device)
-    result = fit_recipe(model, train, test, recipe, len(train.labels), progress)
-    result.update(
+    result = fit_recipe(model, train, test, recipe, len(train.labels), title, progress)
+    temperature = None
+    if head == "text":
+        temperature = 1 / model.head.logit_scale.exp().clamp(max=model.head.max_scale).item()
+        title = f"{title} (temperature {temperature:.4f})"
+    return LLMResult(
+        **(vars(result) | {"title": title}),
         params=count_parameters(model, trainable_only=True),
-        classes=list(classes),
+        classes=tuple(classes),
         train_labels_cifar10=seen.cpu(),
         test=test,
+        temperature=temperature,
     )
-    return result
 
 
 def train_llm(
@@ -136,25 +142,19 @@ def train_llm(
     classes: Sequence[str] = CIFAR10_CLASSES,
     progress: bool = True,
     verbose: bool = True,
-) -> dict[str, Any]:
+) -> LLMResult:
     """Train approach 1 (CNN + projection into the text space + cosine logits) on CIFAR-10 and report test accuracy.
 
-    ``classes`` restricts training and testing to those classes (the zero-shot experiment). Returns a dict with
-    ``test_acc``, ``test_acc_tta``, ``train_seconds``, ``device``, ``threads``, ``epochs``, ``n_train``, ``params``
-    (trainable), ``temperature``, ``classes``, ``train_labels_cifar10`` (original labels of every training image),
-    ``recipe`` (as a dict), the trained ``model``, its ``history`` and the ``test`` loader.
+    Runs ``recipe.for_mode(quick)``, with ``epochs`` in place of the recipe's if given. ``classes`` restricts
+    training and testing to those classes (the zero-shot experiment); ``save`` writes the weights to a
+    ``.safetensors`` file.
     """
     result = _train("text", quick, epochs, root, seed, recipe, encoder, classes, progress)
-    model = result["model"]
-    result["temperature"] = 1 / model.head.logit_scale.exp().clamp(max=model.head.max_scale).item()
-    if save is not None:
-        save_weights(model, save)
     if verbose:
-        title = (
-            f"FastCNN{recipe.widths} + cosine head over {len(classes)} class-text embeddings "
-            f"(temperature {result['temperature']:.4f})"
-        )
-        report(title, result, quick, save)
+        report(result)
+    if save is not None:
+        save_weights(result.model, save)
+        print(f"weights saved to {save}")
     return result
 
 
@@ -167,9 +167,9 @@ def train_linear_baseline(
     classes: Sequence[str] = CIFAR10_CLASSES,
     progress: bool = True,
     verbose: bool = True,
-) -> dict[str, Any]:
+) -> LLMResult:
     """The same CNN, data, seed and budget as :func:`train_llm`, with FastCNN's ordinary linear head."""
     result = _train("linear", quick, epochs, root, seed, recipe, None, classes, progress)
     if verbose:
-        report(f"FastCNN{recipe.widths} + linear head", result, quick)
+        report(result)
     return result

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
-from companion.data import DeviceLoader, load_cifar10
+from companion.data import DeviceLoader
 from companion.models.common import save_weights
 from companion.models.vit import ViT
-from companion.recipes.common import fit_recipe, report
+from companion.recipes.common import Recipe, Result, cifar10_loaders, fit_recipe, report
 from companion.runtime import device as best_device
 from companion.runtime import seed_everything
 
@@ -27,13 +26,13 @@ __all__ = ["VIT_RECIPE", "VIT_RECIPE_GPU", "ErasingLoader", "VitRecipe", "make_v
 
 
 @dataclass(frozen=True)
-class VitRecipe:
+class VitRecipe(Recipe):
     """Everything that defines a ViT run on CIFAR-10: model size, data, augmentation, optimiser, schedule."""
 
     patch_size: int = 4
     dim: int = 96
     depth: int = 4
-    heads: int = 3
+    num_heads: int = 3
     mlp_ratio: float = 2.0
     pool: str = "cls"
     pos_embedding: str = "learned"
@@ -49,11 +48,7 @@ class VitRecipe:
     warmup: float = 0.1
     label_smoothing: float = 0.1
     grad_clip: float | None = 1.0
-    n_train: int | None = None  # None: all 50,000 training images
-    n_test: int | None = None  # None: all 10,000 test images
-    quick_n_train: int = 2_000  # quick mode: a class-balanced subset ...
-    quick_n_test: int = 1_000
-    quick_epochs: int = 4  # ... and a few epochs
+    quick_epochs: int = 4  # quick mode: 2,000 training images for 4 epochs, in the same batches
     name: str = "cpu"
 
 
@@ -64,7 +59,7 @@ VIT_RECIPE = VitRecipe()
 VIT_RECIPE_GPU = VitRecipe(
     dim=256,
     depth=6,
-    heads=8,
+    num_heads=8,
     mlp_ratio=2.0,
     augment=True,
     erase=0.25,
@@ -83,7 +78,7 @@ def make_vit(recipe: VitRecipe = VIT_RECIPE) -> ViT:
         patch_size=recipe.patch_size,
         dim=recipe.dim,
         depth=recipe.depth,
-        num_heads=recipe.heads,
+        num_heads=recipe.num_heads,
         mlp_ratio=recipe.mlp_ratio,
         num_classes=10,
         pool=recipe.pool,
@@ -132,16 +127,10 @@ class ErasingLoader:
 
 
 def vit_data(
-    recipe: VitRecipe = VIT_RECIPE, quick: bool = False, root: str | os.PathLike | None = None, seed: int = 0
+    recipe: VitRecipe = VIT_RECIPE, root: str | os.PathLike | None = None, seed: int = 0
 ) -> tuple[DeviceLoader | ErasingLoader, DeviceLoader]:
-    """Training loader (shuffled, augmented as the recipe says) and test loader of CIFAR-10 on the best device."""
-    n_train = recipe.quick_n_train if quick else recipe.n_train
-    n_test = recipe.quick_n_test if quick else recipe.n_test
-    x, y = load_cifar10(train=True, root=root, subset=n_train)
-    xt, yt = load_cifar10(train=False, root=root, subset=n_test)
-    batch_size = min(recipe.batch_size, len(y))
-    train = DeviceLoader(x, y, batch_size, shuffle=True, augment=recipe.augment, drop_last=True, seed=seed)
-    test = DeviceLoader(xt, yt, batch_size=500)
+    """Training loader (``recipe.n_train`` images, shuffled, augmented and erased as the recipe says), test loader."""
+    train, test = cifar10_loaders(recipe, root, seed, test_batch_size=500)
     if recipe.erase > 0:
         return ErasingLoader(train, recipe.erase, seed=seed), test
     return train, test
@@ -156,29 +145,29 @@ def train_vit(
     recipe: VitRecipe | None = None,
     progress: bool = True,
     verbose: bool = True,
-) -> dict[str, Any]:
+) -> Result:
     """Train the recipe's ViT on CIFAR-10 and report test accuracy (plain and with flip-TTA) and time.
 
-    Without ``recipe``, :data:`VIT_RECIPE_GPU` on CUDA, else :data:`VIT_RECIPE`. Returns a dict with
-    ``test_acc``, ``test_acc_tta``, ``train_seconds``, ``device``, ``threads``, ``epochs``,
-    ``n_train``, ``recipe`` (as a dict), and the trained ``model`` and its ``history``.
+    Without ``recipe``, :data:`VIT_RECIPE_GPU` on CUDA, else :data:`VIT_RECIPE`. Runs ``recipe.for_mode(quick)``,
+    with ``epochs`` in place of the recipe's if given; ``save`` writes the weights to a ``.safetensors`` file.
     """
     if recipe is None:
         recipe = VIT_RECIPE_GPU if best_device().type == "cuda" else VIT_RECIPE
-    if epochs is None:
-        epochs = recipe.quick_epochs if quick else recipe.epochs
-    recipe = replace(recipe, epochs=epochs)
+    recipe = recipe.for_mode(quick)
+    if epochs is not None:
+        recipe = replace(recipe, epochs=epochs)
     seed_everything(seed)
-    train, test = vit_data(recipe, quick=quick, root=root, seed=seed)
+    train, test = vit_data(recipe, root=root, seed=seed)
     model = make_vit(recipe).to(best_device())  # where DeviceLoader puts the data
     n_train = len(train.loader.labels) if isinstance(train, ErasingLoader) else len(train.labels)
-    result = fit_recipe(model, train, test, recipe, n_train, progress)
+    title = (
+        f"ViT {recipe.name} recipe (dim {recipe.dim}, depth {recipe.depth}, heads {recipe.num_heads}, "
+        f"patch {recipe.patch_size})"
+    )
+    result = fit_recipe(model, train, test, recipe, n_train, title, progress)
+    if verbose:
+        report(result)
     if save is not None:
         save_weights(model, save)
-    if verbose:
-        title = (
-            f"ViT {recipe.name} recipe (dim {recipe.dim}, depth {recipe.depth}, heads {recipe.heads}, "
-            f"patch {recipe.patch_size})"
-        )
-        report(title, result, quick, save)
+        print(f"weights saved to {save}")
     return result
