@@ -10,6 +10,17 @@ from companion import exercises
 from companion.runtime import quick
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen benchmark or training recipe."""
     parser = argparse.ArgumentParser(prog="python -m companion", description=__doc__)
@@ -24,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train a model with the book's recipe and report accuracy")
     train.add_argument("what", choices=["cnn", "vit", "llm"])
     train.add_argument("--quick", action="store_true", help="small subset and few epochs (also COMPANION_QUICK=1)")
-    train.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
+    train.add_argument("--epochs", type=positive_int, default=None, help="override the recipe's number of epochs")
     train.add_argument("--data", default=None, help="data root (default: $COMPANION_DATA or the user cache)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--save", default=None, help="write the trained weights to this .safetensors file")
+    train.add_argument(
+        "--save", default=None, help="write the trained weights to this .safetensors file (its folder must exist)"
+    )
 
     exercises.add_parser(sub)
 
@@ -39,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 
         getattr(benchmarks, f"bench_{args.what}")(device=args.device)
     else:
+        from companion.recipes.common import weights_path
+
+        if args.save is not None:
+            try:
+                args.save = weights_path(args.save)  # before any data loads or training starts
+            except OSError as err:
+                parser.error(str(err))
         recipe = importlib.import_module(f"companion.recipes.{args.what}")
         getattr(recipe, f"train_{args.what}")(
             quick=args.quick or quick(), epochs=args.epochs, root=args.data, seed=args.seed, save=args.save

@@ -6,8 +6,13 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
-from companion.recipes.cnn import CNN_RECIPE, train_cnn
+from companion.__main__ import main
+from companion.models import load_weights
+from companion.recipes import common
+from companion.recipes import llm as llm_recipe
+from companion.recipes.cnn import CNN_RECIPE, make_cnn, train_cnn
 from companion.recipes.common import Recipe
 from companion.recipes.llm import LLM_RECIPE
 from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU
@@ -46,3 +51,73 @@ def test_train_result_and_its_record(fake_cifar, capsys) -> None:
     assert {"test_acc_tta", "train_seconds", "device", "threads", "torch", "date"} <= set(record)
     full = train_cnn(epochs=1, root=fake_cifar, recipe=replace(recipe, n_train=20, batch_size=8), verbose=False)
     assert full.record()["mode"] == "full" and full.n_train == 20 and full.recipe.batch_size == 8
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Make any data load fail loudly: a check that must come before loading cannot pass by loading."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("data were loaded")
+
+    for module in (common, llm_recipe):
+        monkeypatch.setattr(module, "load_cifar10", load)
+
+
+@pytest.mark.parametrize("what", ["cnn", "vit", "llm"])
+def test_save_to_a_missing_folder_fails_before_any_data_loads(no_data, tmp_path, capsys, what: str) -> None:
+    bad = tmp_path / "no" / "such" / "w.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", what, "--quick", "--save", str(bad)])
+    assert exit_info.value.code == 2
+    assert f"{tmp_path / 'no' / 'such'} does not exist" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_cnn(quick=True, save=bad)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        train_cnn(quick=True, save=tmp_path)
+
+
+@pytest.mark.parametrize("epochs", ["0", "-3", "two"])
+def test_epochs_must_be_a_positive_integer(no_data, capsys, epochs: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "cnn", "--quick", "--epochs", epochs])
+    assert exit_info.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+def test_save_adds_the_suffix(fake_cifar, tmp_path, capsys) -> None:
+    recipe = replace(CNN_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=16)
+    result = train_cnn(quick=True, epochs=1, root=fake_cifar, save=tmp_path / "w", recipe=recipe, progress=False)
+    assert not (tmp_path / "w").exists()
+    reloaded = load_weights(make_cnn(replace(recipe, whiten=False)), tmp_path / "w.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded.eval()(x), result.model.cpu().eval()(x))
+    assert capsys.readouterr().out.splitlines()[-1] == f"weights saved to {tmp_path / 'w.safetensors'}"
+
+
+def test_a_failed_save_keeps_the_trained_model(fake_cifar, tmp_path, monkeypatch, capsys) -> None:
+    import safetensors.torch
+
+    target = tmp_path / "out" / "w.safetensors"
+    target.parent.mkdir()
+    save_file = safetensors.torch.save_file
+
+    def failing_save_file(tensors, filename, *args, **kwargs):
+        if str(target.parent) in str(filename):
+            raise OSError(28, "No space left on device")  # the disk filled up while training
+        return save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "w.safetensors").write_bytes(b"an older file, not to be overwritten")
+    recipe = replace(CNN_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=16)
+    result = train_cnn(quick=True, epochs=1, root=fake_cifar, save=target, recipe=recipe, progress=False)
+    captured = capsys.readouterr()
+    assert result.line() in captured.out  # the result line comes first, whatever happens to the weights
+    fallback = work / "w-1.safetensors"
+    assert f"could not save the weights to {target}" in captured.err and f"saved them to {fallback}" in captured.err
+    assert (work / "w.safetensors").read_bytes() == b"an older file, not to be overwritten"
+    reloaded = load_weights(make_cnn(replace(recipe, whiten=False)), fallback)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded.eval()(x), result.model.cpu().eval()(x))

@@ -13,8 +13,16 @@ import torch
 
 from companion.data import DeviceLoader
 from companion.models.cnn import FastCNN
-from companion.models.common import save_weights
-from companion.recipes.common import Recipe, Result, cifar10_loaders, fit_recipe, report, whitening_batch
+from companion.recipes.common import (
+    Recipe,
+    Result,
+    cifar10_loaders,
+    fit_recipe,
+    report,
+    save_trained,
+    weights_path,
+    whitening_batch,
+)
 from companion.runtime import seed_everything
 
 __all__ = ["CNN_RECIPE", "CNNRecipe", "cnn_data", "make_cnn", "train_cnn"]
@@ -76,8 +84,9 @@ def train_cnn(
     """Train the recipe's FastCNN on CIFAR-10 and report test accuracy (plain and with flip-TTA) and time.
 
     Runs ``recipe.for_mode(quick)``, with ``epochs`` in place of the recipe's if given; ``save`` writes the
-    weights to a ``.safetensors`` file.
+    weights to a ``.safetensors`` file (checked before training; if writing fails, a file in the working directory).
     """
+    path = weights_path(save) if save is not None else None
     recipe = recipe.for_mode(quick)
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)
@@ -87,7 +96,6 @@ def train_cnn(
     result = fit_recipe(model, train, test, recipe, len(train.labels), f"FastCNN{recipe.widths}", progress)
     if verbose:
         report(result)
-    if save is not None:
-        save_weights(model, save)
-        print(f"weights saved to {save}")
+    if path is not None:
+        save_trained(model, path)
     return result

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from companion.data import DeviceLoader, load_cifar10
+from companion.models.common import save_weights
 from companion.runtime import device as best_device
 from companion.train import Batches, History, evaluate, fit
 
-__all__ = ["Recipe", "Result", "cifar10_loaders", "fit_recipe", "report", "whitening_batch"]
+__all__ = [
+    "Recipe",
+    "Result",
+    "cifar10_loaders",
+    "fit_recipe",
+    "report",
+    "save_trained",
+    "weights_path",
+    "whitening_batch",
+]
 
 R = TypeVar("R", bound="Recipe")
 
@@ -165,3 +177,39 @@ def fit_recipe(
 def report(result: Result) -> None:
     """Print the run's result line."""
     print(result.line())
+
+
+def weights_path(save: str | os.PathLike) -> Path:
+    """Where ``save`` will write weights (``.safetensors`` added if missing); a clear error now if it cannot."""
+    path = Path(save).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot save the weights to {path}: it is a folder; give a file name in it")
+    if path.suffix != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"cannot save the weights to {path}: the folder {folder} does not exist; create it or choose another path"
+        )
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot save the weights to {path}: no permission to write there; choose another path")
+    return path
+
+
+def save_trained(model: nn.Module, path: Path) -> Path:
+    """Save trained weights to ``path``; if that fails, to a new file in the working directory. Returns where."""
+    try:
+        save_weights(model, path)
+    except Exception as err:  # whatever went wrong, the trained weights are not thrown away
+        fallback, i = Path.cwd() / path.name, 0
+        while fallback.exists():  # never overwrite a file there
+            i += 1
+            fallback = Path.cwd() / f"{path.stem}-{i}{path.suffix}"
+        try:
+            save_weights(model, fallback)
+        except Exception as again:
+            raise OSError(f"could not save the weights to {path} ({err}), nor to {fallback} ({again})") from again
+        print(f"could not save the weights to {path} ({err}); saved them to {fallback} instead", file=sys.stderr)
+        return fallback
+    print(f"weights saved to {path}")
+    return path

@@ -16,9 +16,9 @@ import torch
 from companion.data import CIFAR10_CLASSES, DeviceLoader, load_cifar10
 from companion.llm import TEMPLATES, TextEncoder, class_embeddings
 from companion.models import ImageTextClassifier
-from companion.models.common import count_parameters, save_weights
+from companion.models.common import count_parameters
 from companion.recipes.cnn import CNNRecipe, make_cnn
-from companion.recipes.common import Result, fit_recipe, report, whitening_batch
+from companion.recipes.common import Result, fit_recipe, report, save_trained, weights_path, whitening_batch
 from companion.runtime import seed_everything
 
 __all__ = ["LLM_RECIPE", "LLMRecipe", "LLMResult", "llm_data", "train_linear_baseline", "train_llm"]
@@ -147,14 +147,14 @@ def train_llm(
 
     Runs ``recipe.for_mode(quick)``, with ``epochs`` in place of the recipe's if given. ``classes`` restricts
     training and testing to those classes (the zero-shot experiment); ``save`` writes the weights to a
-    ``.safetensors`` file.
+    ``.safetensors`` file (checked before training; if writing fails, a file in the working directory).
     """
+    path = weights_path(save) if save is not None else None
     result = _train("text", quick, epochs, root, seed, recipe, encoder, classes, progress)
     if verbose:
         report(result)
-    if save is not None:
-        save_weights(result.model, save)
-        print(f"weights saved to {save}")
+    if path is not None:
+        save_trained(result.model, path)
     return result
 
 

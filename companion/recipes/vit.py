@@ -16,9 +16,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from companion.data import DeviceLoader
-from companion.models.common import save_weights
 from companion.models.vit import ViT
-from companion.recipes.common import Recipe, Result, cifar10_loaders, fit_recipe, report
+from companion.recipes.common import (
+    Recipe,
+    Result,
+    cifar10_loaders,
+    fit_recipe,
+    report,
+    save_trained,
+    weights_path,
+)
 from companion.runtime import device as best_device
 from companion.runtime import seed_everything
 
@@ -149,8 +156,10 @@ def train_vit(
     """Train the recipe's ViT on CIFAR-10 and report test accuracy (plain and with flip-TTA) and time.
 
     Without ``recipe``, :data:`VIT_RECIPE_GPU` on CUDA, else :data:`VIT_RECIPE`. Runs ``recipe.for_mode(quick)``,
-    with ``epochs`` in place of the recipe's if given; ``save`` writes the weights to a ``.safetensors`` file.
+    with ``epochs`` in place of the recipe's if given; ``save`` writes the weights to a ``.safetensors`` file
+    (checked before training; if writing fails, a file in the working directory).
     """
+    path = weights_path(save) if save is not None else None
     if recipe is None:
         recipe = VIT_RECIPE_GPU if best_device().type == "cuda" else VIT_RECIPE
     recipe = recipe.for_mode(quick)
@@ -167,7 +176,6 @@ def train_vit(
     result = fit_recipe(model, train, test, recipe, n_train, title, progress)
     if verbose:
         report(result)
-    if save is not None:
-        save_weights(model, save)
-        print(f"weights saved to {save}")
+    if path is not None:
+        save_trained(model, path)
     return result
