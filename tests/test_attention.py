@@ -21,16 +21,9 @@ from companion.attention import (
     sinusoidal_position_encoding_2d,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_problem(rng: random.Random, gen: torch.Generator, mask_kind: str):

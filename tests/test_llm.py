@@ -26,14 +26,7 @@ from companion.models import (
 )
 from companion.recipes.llm import LLM_RECIPE, llm_data, train_linear_baseline, train_llm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster, and avoids thread thrashing on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

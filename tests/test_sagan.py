@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from companion.models import AttentionCNN, FastCNN, SelfAttention2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is faster than handing each op to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seed_formula(block: SelfAttention2d, x: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
