@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from companion.__main__ import main
+from companion.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader
 from companion.models import load_weights
 from companion.recipes import common
 from companion.recipes import llm as llm_recipe
 from companion.recipes.cnn import CNN_RECIPE, make_cnn, train_cnn
-from companion.recipes.common import Recipe
+from companion.recipes.common import Recipe, whitening_batch
 from companion.recipes.llm import LLM_RECIPE
 from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU
 
@@ -121,3 +122,17 @@ def test_a_failed_save_keeps_the_trained_model(fake_cifar, tmp_path, monkeypatch
     reloaded = load_weights(make_cnn(replace(recipe, whiten=False)), fallback)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(reloaded.eval()(x), result.model.cpu().eval()(x))
+
+
+def test_whitening_batch_is_a_seeded_sample_of_every_class() -> None:
+    labels = torch.arange(10).repeat_interleave(100)  # sorted by class, as a class-folder copy of CIFAR-10 is
+    images = (20 * labels).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()  # pixel = 20 * label
+    train = DeviceLoader(images, labels, batch_size=10, device="cpu")
+    batch = whitening_batch(train, n=100)
+    assert batch.shape == (100, 3, 4, 4)
+    pixels = batch[:, 0, 0, 0] * CIFAR10_STD[0] + CIFAR10_MEAN[0]  # undo the normalisation: 20 * label / 255
+    sampled = (pixels * 255 / 20).round().long()
+    assert sorted(sampled.unique().tolist()) == list(range(10))  # all ten classes, not the first 100 (all class 0)
+    assert torch.equal(whitening_batch(train, n=100), batch)  # seeded: the same sample again
+    assert not torch.equal(whitening_batch(train, n=100, seed=1), batch)
+    assert whitening_batch(train, n=5_000).shape[0] == 1_000  # at most the whole set

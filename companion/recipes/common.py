@@ -127,10 +127,15 @@ def cifar10_loaders(
     return train, DeviceLoader(xt, yt, batch_size=test_batch_size)
 
 
-def whitening_batch(train: DeviceLoader, n: int = 5_000) -> torch.Tensor:
-    """The first ``n`` training images, normalised, on the loader's device (for FastCNN's whitened stem)."""
+def whitening_batch(train: DeviceLoader, n: int = 5_000, seed: int = 0) -> torch.Tensor:
+    """A seeded random sample of ``n`` training images, normalised, on the loader's device (for FastCNN's stem).
+
+    A random sample, not the first ``n``, so that the stem does not depend on the order the images are stored in
+    (a class-folder copy of CIFAR-10 is sorted by class on disk).
+    """
     n = min(n, len(train.labels))
-    return next(iter(DeviceLoader(train.images[:n], train.labels[:n], n, device=train.device)))[0]
+    pick = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))[:n].to(train.device)
+    return next(iter(DeviceLoader(train.images[pick], train.labels[pick], n, device=train.device)))[0]
 
 
 def fit_recipe(
