@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from companion import bench as benchmarks
 
+        if args.device is not None:
+            try:
+                benchmarks.check_device(args.device)  # before any model or data loads
+            except RuntimeError as err:
+                parser.error(str(err))
         getattr(benchmarks, f"bench_{args.what}")(device=args.device)
     else:
         from companion.recipes.common import weights_path

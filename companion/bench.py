@@ -19,9 +19,12 @@ def _device_name(dev: torch.device) -> str:
     return name
 
 
-def _device(device: str | None, default: torch.device) -> torch.device:
-    """The device to measure on; a clear error for one that this machine does not have."""
-    dev = torch.device(device) if device else default
+def check_device(device: str) -> torch.device:
+    """``torch.device(device)``, or a clear RuntimeError for a device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise RuntimeError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:0 or mps") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"--device {device} asks for a CUDA GPU, but PyTorch sees none here (torch.cuda.is_available() is "
@@ -30,6 +33,11 @@ def _device(device: str | None, default: torch.device) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError(f"--device {device} asks for Apple's MPS, which is not available here; use --device cpu")
     return dev
+
+
+def _device(device: str | None, default: torch.device) -> torch.device:
+    """The device to measure on: ``device`` if given (checked), else ``default``."""
+    return check_device(device) if device else default
 
 
 def bench_conv(device: str | None = None, num_threads: int | None = None) -> None:

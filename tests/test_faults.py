@@ -259,6 +259,17 @@ def test_bench_on_a_missing_gpu_says_so_before_loading_anything(monkeypatch):
             bench(device="cuda")
 
 
+def test_bench_cli_on_a_missing_or_unknown_device_is_a_usage_error(monkeypatch, capsys):
+    from companion.__main__ import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in [("cuda", "asks for a CUDA GPU, but PyTorch sees none"), ("gpu0", "is not a device name")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "text", "--device", device])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 def test_cache_holding_the_wrong_object(fake_cifar):
     want, _ = load_cifar10(train=False, root=fake_cifar)
     for name in ("cifar10-test-uint8.pt", "cifar10-test-uint8-v2.pt"):  # the old and the current name
