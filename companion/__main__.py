@@ -1,4 +1,7 @@
-"""Command line: ``python -m companion bench conv``, ``python -m companion train cnn`` ..."""
+"""Command line: ``python -m companion bench conv``, ``python -m companion train cnn`` ...
+
+``torchrun --nproc_per_node N -m companion train cnn`` trains data-parallel in N processes (one per GPU).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from companion import exercises
+from companion import distributed, exercises
 from companion.runtime import quick
 
 
@@ -65,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as err:
                 parser.error(str(err))
         recipe = importlib.import_module(f"companion.recipes.{args.what}")
-        getattr(recipe, f"train_{args.what}")(
-            quick=args.quick or quick(), epochs=args.epochs, root=args.data, seed=args.seed, save=args.save
-        )
+        with distributed.process_group():  # under torchrun: data-parallel training, one result line from rank 0
+            getattr(recipe, f"train_{args.what}")(
+                quick=args.quick or quick(), epochs=args.epochs, root=args.data, seed=args.seed, save=args.save
+            )
     return 0
 
 

@@ -41,6 +41,7 @@ from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from companion import distributed
 from companion.runtime import device as best_device
 
 __all__ = [
@@ -497,6 +498,12 @@ class DeviceLoader:
     The whole uint8 data set is moved to ``device`` once. Each batch is converted to float,
     optionally augmented (random horizontal flip, random translation by up to ``pad`` pixels
     with zero padding) and normalised there, so the training loop does no per-image PIL work.
+
+    Under ``torchrun`` a shuffling loader gives each process its own shard of every epoch: all ranks
+    draw the same permutation (same ``seed``) and rank r takes the r-th of ``world_size()`` equal
+    slices of it (the last ``N % world_size()`` images of the permutation sit that epoch out).
+    Augmentation then draws from a generator of its own per rank. A loader without shuffling (a test set)
+    is never sharded: every rank sees all of it.
     """
 
     def __init__(
@@ -546,30 +553,44 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self.generator = torch.Generator().manual_seed(seed)  # CPU generator: same numbers on every device
+        self.seed = seed
+        self._rank_generator: torch.Generator | None = None  # augmentation's own per rank, made when first sharded
+
+    def _shard(self) -> tuple[int, int]:
+        """(rank, number of shards): (0, 1) unless this loader shuffles and torchrun started several processes."""
+        return (distributed.rank(), distributed.world_size()) if self.shuffle else (0, 1)
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = len(self.labels) // self._shard()[1]  # images this process sees per epoch
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rank, shards = self._shard()
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        per_shard = n // shards
+        order = order[rank * per_shard : (rank + 1) * per_shard]  # this rank's slice; all of it for one process
+        augment_generator = self.generator
+        if shards > 1:
+            if self._rank_generator is None:
+                self._rank_generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank + 1)
+            augment_generator = self._rank_generator
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start : start + self.batch_size].to(self.device)
             x = self.images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
             if self.augment:
-                x = self._augment(x)
+                x = self._augment(x, augment_generator)
             yield (x - self.mean) / self.std, self.labels[idx]
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         B, _, H, W = x.shape
-        flip = (torch.rand(B, generator=self.generator) < 0.5).to(self.device)
+        flip = (torch.rand(B, generator=generator) < 0.5).to(self.device)
         x = torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)
         if self.pad > 0:
             p = self.pad
             padded = torch.nn.functional.pad(x, (p, p, p, p))  # (B, C, H+2p, W+2p)
-            dy = torch.randint(0, 2 * p + 1, (B,), generator=self.generator).to(self.device)
-            dx = torch.randint(0, 2 * p + 1, (B,), generator=self.generator).to(self.device)
+            dy = torch.randint(0, 2 * p + 1, (B,), generator=generator).to(self.device)
+            dx = torch.randint(0, 2 * p + 1, (B,), generator=generator).to(self.device)
             rows = (dy.view(B, 1) + torch.arange(H, device=self.device)).view(B, 1, H, 1)
             cols = (dx.view(B, 1) + torch.arange(W, device=self.device)).view(B, 1, 1, W)
             batch = torch.arange(B, device=self.device).view(B, 1, 1, 1)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from companion import distributed
 from companion.runtime import device, seed_everything
 
 __all__ = ["History", "device", "evaluate", "fit", "predict", "seed_everything"]
@@ -141,6 +142,7 @@ def fit(
     amp: bool = True,
     tta_flip: bool = False,
     progress: bool = True,
+    sync_batch_norm: bool = False,
 ) -> History:
     """Train ``model`` on ``train_data`` for ``epochs`` epochs and return its ``History``.
 
@@ -153,6 +155,11 @@ def fit(
     Batches are ``(x, y)``: ``x`` a tensor, or a tuple of tensors passed as ``model(*x)``; ``y`` class labels
     (B,) for logits (B, C), or targets (B, ...) for logits (B, ..., C) such as next tokens. Targets equal to
     ``ignore_index`` (e.g. padding) count in neither the loss nor the accuracy.
+
+    Under ``torchrun`` the model is wrapped in ``DistributedDataParallel`` (``sync_batch_norm``: with
+    ``SyncBatchNorm``, CUDA only), the training figures are summed over all processes, every rank
+    evaluates on the whole test set with rank 0's batch-norm statistics, and only rank 0 shows progress.
+    ``lr`` is used as given (``companion.distributed.scale_lr`` scales it for the global batch).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -169,7 +176,8 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, epochs * steps_per_epoch, warmup))
 
     history = History()
-    bar = tqdm(total=epochs * steps_per_epoch, desc="training", disable=not progress)
+    bar = tqdm(total=epochs * steps_per_epoch, desc="training", disable=not progress or not distributed.is_main())
+    net = model  # what the batches go through: the model, or its DistributedDataParallel wrapper
     for epoch in range(epochs):
         model.train()
         start = time.perf_counter()
@@ -180,12 +188,13 @@ def fit(
                 if epoch == 0:
                     model.to(y.device)
                     history.device = str(y.device)
+                    net = distributed.wrap(model, sync_batch_norm)
                 loss_sum = torch.zeros((), device=y.device)
                 correct = torch.zeros((), dtype=torch.long, device=y.device)
                 scored = torch.zeros((), dtype=torch.long, device=y.device)  # targets that count: not ignore_index
                 first_bad = torch.full((), -1, dtype=torch.long, device=y.device)  # first step with a bad loss
             with _autocast(y.device, amp):
-                logits = model(*x) if isinstance(x, tuple) else model(x)  # (B, C) or (B, ..., C)
+                logits = net(*x) if isinstance(x, tuple) else net(x)  # (B, C) or (B, ..., C)
                 loss = F.cross_entropy(
                     logits.float().flatten(0, -2),
                     y.flatten(),
@@ -210,14 +219,19 @@ def fit(
         if loss_sum.device.type == "cuda":
             torch.cuda.synchronize()
         history.seconds.append(time.perf_counter() - start)
-        train_loss = loss_sum.item() / scored.item()  # host syncs once per epoch, not per step
-        if not math.isfinite(train_loss):
+        # Sums over all processes (this one alone if only one); the host syncs once per epoch, not per step.
+        totals = distributed.all_reduce(torch.stack([loss_sum.double(), correct.double(), scored.double()]))
+        loss_total, correct_total, scored_total = totals.tolist()
+        train_loss = loss_total / scored_total
+        if not math.isfinite(train_loss):  # the same on every rank: all of them stop together
             bar.close()
-            raise _diverged(epoch + 1, int(first_bad.item()) + 1, lr)
+            first = distributed.all_reduce(torch.where(first_bad < 0, steps_per_epoch, first_bad), "min")
+            raise _diverged(epoch + 1, int(first.item()) + 1, lr)
         history.train_loss.append(train_loss)
-        history.train_acc.append(correct.item() / scored.item())
+        history.train_acc.append(correct_total / scored_total)
         history.lr.append(opt.param_groups[0]["lr"])
         postfix = {"epoch": epoch + 1, "loss": f"{history.train_loss[-1]:.3f}", "acc": f"{history.train_acc[-1]:.3f}"}
+        distributed.sync_buffers(model)  # every rank now holds rank 0's model
         if test_data is not None:
             test_loss, test_acc = evaluate(model, test_data, tta_flip=tta_flip, amp=amp)
             history.test_loss.append(test_loss)

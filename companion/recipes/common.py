@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from companion import distributed
 from companion.data import DeviceLoader, load_cifar10
 from companion.models.common import save_weights
 from companion.runtime import device as best_device
@@ -56,6 +57,10 @@ class Recipe:
     quick_epochs: int = 4  # ... a few epochs ...
     quick_batch_size: int | None = None  # ... and this batch size (None: batch_size, the same in both modes)
     quick: bool = False  # True in the recipe for_mode(True) returns: the quick sizes are in place
+    # Under torchrun with N processes the batch sizes above are per process, so the global batch is N times
+    # larger and the learning rate is scaled with it: 'linear' (lr * N, Goyal et al. 2017), 'sqrt' or 'none'.
+    lr_scaling: str = "linear"
+    sync_batch_norm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
 
     def for_mode(self: R, quick: bool) -> R:
         """This recipe in quick mode (its quick sizes as n_train, n_test, epochs, batch_size), or unchanged."""
@@ -81,6 +86,7 @@ class Result:
     train_seconds: float
     device: str
     threads: int  # torch's CPU threads
+    processes: int  # how many processes trained together (torchrun), 1 without torchrun
     epochs: int
     n_train: int
     recipe: Recipe
@@ -95,6 +101,7 @@ class Result:
             f"{self.title} ({mode}, {self.epochs} epochs, {self.n_train:,} training images): "
             f"test accuracy {self.test_acc:.4f}, with flip-TTA {self.test_acc_tta:.4f} | "
             f"training {self.train_seconds:.1f} s | device {self.device} | torch threads {self.threads}"
+            + (f" | {self.processes} processes" if self.processes > 1 else "")
         )
 
     def record(self) -> dict[str, Any]:
@@ -111,6 +118,7 @@ class Result:
             "n_train": self.n_train,
             "device": self.device,
             "threads": self.threads,
+            "processes": self.processes,
             "torch": torch.__version__,
             "date": self.date,
         }
@@ -120,8 +128,9 @@ def cifar10_loaders(
     recipe: Recipe, root: str | os.PathLike | None = None, seed: int = 0, test_batch_size: int = 1000
 ) -> tuple[DeviceLoader, DeviceLoader]:
     """The recipe's CIFAR-10 training loader (shuffled, augmented as it says) and test loader, on the best device."""
-    x, y = load_cifar10(train=True, root=root, subset=recipe.n_train)
-    xt, yt = load_cifar10(train=False, root=root, subset=recipe.n_test)
+    with distributed.main_first():  # under torchrun rank 0 decodes and caches the data set, the others read the cache
+        x, y = load_cifar10(train=True, root=root, subset=recipe.n_train)
+        xt, yt = load_cifar10(train=False, root=root, subset=recipe.n_test)
     batch_size = min(recipe.batch_size, len(y))
     train = DeviceLoader(x, y, batch_size, shuffle=True, augment=recipe.augment, drop_last=True, seed=seed)
     return train, DeviceLoader(xt, yt, batch_size=test_batch_size)
@@ -147,20 +156,24 @@ def fit_recipe(
     title: str,
     progress: bool = True,
 ) -> Result:
-    """Train ``model`` with the recipe's optimiser, schedule and epochs; evaluate it, also with flip-TTA."""
+    """Train ``model`` with the recipe's optimiser, schedule and epochs; evaluate it, also with flip-TTA.
+
+    Under torchrun the learning rate is scaled by the recipe's ``lr_scaling`` rule for the global batch.
+    """
     history = fit(
         model,
         train,
         test,
         epochs=recipe.epochs,
         optimizer=recipe.optimizer,
-        lr=recipe.lr,
+        lr=distributed.scale_lr(recipe.lr, recipe.lr_scaling),
         weight_decay=recipe.weight_decay,
         schedule=recipe.schedule,
         warmup=recipe.warmup,
         label_smoothing=recipe.label_smoothing,
         grad_clip=recipe.grad_clip,
         progress=progress,
+        sync_batch_norm=recipe.sync_batch_norm,
     )
     _, acc_tta = evaluate(model, test, tta_flip=True)
     return Result(
@@ -170,6 +183,7 @@ def fit_recipe(
         train_seconds=history.total_seconds,
         device=history.device or str(best_device()),
         threads=torch.get_num_threads(),
+        processes=distributed.world_size(),
         epochs=recipe.epochs,
         n_train=n_train,
         recipe=recipe,
@@ -180,8 +194,9 @@ def fit_recipe(
 
 
 def report(result: Result) -> None:
-    """Print the run's result line."""
-    print(result.line())
+    """Print the run's result line (under torchrun on rank 0 only, so the job prints one)."""
+    if distributed.is_main():
+        print(result.line())
 
 
 def weights_path(save: str | os.PathLike) -> Path:
@@ -202,7 +217,12 @@ def weights_path(save: str | os.PathLike) -> Path:
 
 
 def save_trained(model: nn.Module, path: Path) -> Path:
-    """Save trained weights to ``path``; if that fails, to a new file in the working directory. Returns where."""
+    """Save trained weights to ``path``; if that fails, to a new file in the working directory. Returns where.
+
+    Under torchrun only rank 0 writes (every rank holds the same model).
+    """
+    if not distributed.is_main():
+        return path
     try:
         save_weights(model, path)
     except Exception as err:  # whatever went wrong, the trained weights are not thrown away

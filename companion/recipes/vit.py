@@ -56,6 +56,7 @@ class VitRecipe(Recipe):
     label_smoothing: float = 0.1
     grad_clip: float | None = 1.0
     quick_epochs: int = 4  # quick mode: 2,000 training images for 4 epochs, in the same batches
+    lr_scaling: str = "sqrt"  # under torchrun: batch_size is per process, lr * sqrt(N) for AdamW (see Recipe)
     name: str = "cpu"
 
 
