@@ -71,6 +71,11 @@ def setup() -> bool:
         return False
     if torch.cuda.is_available():
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if local.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"this is local rank {local.index}, but only {torch.cuda.device_count()} GPUs are visible: start at "
+                "most one process per GPU (torchrun --nproc_per_node)"
+            )
         torch.cuda.set_device(local)  # "cuda" now means this rank's GPU, for DeviceLoader and the model alike
         dist.init_process_group("nccl", device_id=local)
     else:
@@ -128,6 +133,8 @@ def wrap(model: nn.Module, sync_batch_norm: bool = False) -> nn.Module:
         return model
     p = next(model.parameters(), None)
     dev = p.device if p is not None else torch.device("cpu")
+    if dev.type not in {"cuda", "cpu"}:
+        raise ValueError(f"training in several processes needs CUDA (nccl) or the CPU (gloo), not {dev.type}")
     if sync_batch_norm:
         if dev.type != "cuda":
             raise ValueError("sync_batch_norm needs CUDA (SyncBatchNorm has no CPU kernel); set it to False on the CPU")

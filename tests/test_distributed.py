@@ -95,10 +95,12 @@ def test_test_loaders_are_not_sharded(monkeypatch):
     assert [i for _, y in loader for i in y.tolist()] == list(range(10)) and len(loader) == 3
 
 
-def test_sync_batch_norm_on_the_cpu_is_a_clear_error(monkeypatch):
+def test_unsupported_devices_are_clear_errors(monkeypatch):
     monkeypatch.setattr(distributed, "_active", lambda: True)
     with pytest.raises(ValueError, match="sync_batch_norm needs CUDA"):
         distributed.wrap(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), sync_batch_norm=True)
+    with pytest.raises(ValueError, match=r"needs CUDA \(nccl\) or the CPU \(gloo\), not meta"):
+        distributed.wrap(nn.Linear(2, 2, device="meta"))  # e.g. Apple's mps: gloo cannot all-reduce its tensors
 
 
 # --- two processes under torchrun ---------------------------------------------------------------------------------
