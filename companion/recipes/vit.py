@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from companion import distributed
 from companion.data import DeviceLoader
 from companion.models.vit import ViT
 from companion.recipes.common import (
@@ -140,7 +141,8 @@ def vit_data(
     """Training loader (``recipe.n_train`` images, shuffled, augmented and erased as the recipe says), test loader."""
     train, test = cifar10_loaders(recipe, root, seed, test_batch_size=500)
     if recipe.erase > 0:
-        return ErasingLoader(train, recipe.erase, seed=seed), test
+        # Under torchrun each rank erases its own rectangles (rank 0 the ones a single process would).
+        return ErasingLoader(train, recipe.erase, seed=seed + 1_000_003 * distributed.rank()), test
     return train, test
 
 
