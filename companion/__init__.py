@@ -3,7 +3,7 @@
 The submodules are imported on demand, e.g. ``from companion.conv import conv2d``.
 """
 
-from companion.runtime import device, quick, seed_everything
+from companion.runtime import device, mode_line, quick, seed_everything
 
-__all__ = ["device", "quick", "seed_everything"]
+__all__ = ["device", "mode_line", "quick", "seed_everything"]
 __version__ = "0.1.0"

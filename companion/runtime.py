@@ -1,4 +1,4 @@
-"""Run-time settings shared by every chapter: quick mode, the device, seeding."""
+"""Run-time settings shared by every chapter: quick mode, the device, seeding, and the line that says which."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["device", "quick", "seed_everything"]
+__all__ = ["device", "mode_line", "quick", "seed_everything"]
 
 
 def quick() -> bool:
@@ -31,3 +31,12 @@ def seed_everything(seed: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA and MPS generators
+
+
+def mode_line() -> str:
+    """One line saying how this run was made: the mode, the device, the torch version and its CPU threads."""
+    if quick():
+        mode = "quick mode (COMPANION_QUICK=1), small subsets and few epochs"
+    else:
+        mode = "full mode, the whole data set and the full training budgets"
+    return f"This run: {mode} | device {device()} | torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
