@@ -1,0 +1,58 @@
+"""Result records: each recipe run writes a small JSON file; the book's results page reads them all.
+
+The folder is ``COMPANION_RECORDS`` if set, else ``_build/records/`` in the source checkout the package is
+imported from (git-ignored, and wiped with the rest of ``_build`` by a clean rebuild), else (an installed
+package) ``~/.cache/companion/records``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = ["read_records", "records_dir", "write_record"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def records_dir() -> Path:
+    """Return the records folder: ``$COMPANION_RECORDS``, ``<checkout>/_build/records`` or the user's cache."""
+    if os.environ.get("COMPANION_RECORDS"):
+        return Path(os.environ["COMPANION_RECORDS"]).expanduser()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "_build" / "records"
+    return Path.home() / ".cache" / "companion" / "records"
+
+
+def write_record(record: dict[str, Any], name: str) -> Path:
+    """Write ``record`` (JSON-serialisable) as ``<records folder>/<name>.json``, replacing an older one."""
+    if not _NAME.match(name):
+        raise ValueError(f"record name {name!r} must be letters, digits, '_', '-' or '.' (it becomes a file name)")
+    payload = {"name": name, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record}
+    text = json.dumps(payload, indent=1, sort_keys=True, allow_nan=False)  # fails here, not when read back
+    folder = records_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as tmp:
+        tmp.write(text + "\n")
+    path = folder / f"{name}.json"
+    os.replace(tmp.name, path)  # atomic: a reader never sees half a record
+    return path
+
+
+def read_records() -> list[dict[str, Any]]:
+    """Return every record in the records folder, sorted by name (an empty list if there is none yet)."""
+    folder = records_dir()
+    records = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            records.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            msg = f"result record {path} is not valid JSON ({err}): delete it and rerun its chapter"
+            raise ValueError(msg) from err
+    return records

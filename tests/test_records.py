@@ -1,0 +1,61 @@
+"""Result records: written where COMPANION_RECORDS says, read back equal, bad input refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from companion.records import read_records, records_dir, write_record
+
+
+@pytest.fixture
+def records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "records"
+    monkeypatch.setenv("COMPANION_RECORDS", str(folder))
+    return folder
+
+
+def test_round_trip_sorted_by_name(records: Path) -> None:
+    first = {"model": "ViT", "test_acc": 0.6019, "mode": "full", "hardware": {"device": "cpu", "threads": 2}}
+    second = {"model": "FastCNN", "test_acc": 0.9, "mode": "quick"}
+    assert records_dir() == records
+    assert not read_records()  # nothing yet: an empty list, not an error
+    write_record(first, "ch05_vit")
+    write_record(second, "ch03_fastcnn")
+    back = read_records()
+    assert [r["name"] for r in back] == ["ch03_fastcnn", "ch05_vit"]
+    for written, read in zip([second, first], back):
+        assert {k: read[k] for k in written} == written
+        assert "written" in read  # when, in UTC
+    assert sorted(p.name for p in records.iterdir()) == ["ch03_fastcnn.json", "ch05_vit.json"]  # no temp files left
+
+
+def test_rewrite_replaces(records: Path) -> None:
+    write_record({"test_acc": 0.5}, "run")
+    write_record({"test_acc": 0.7}, "run")
+    (only,) = read_records()
+    assert only["test_acc"] == 0.7
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", "with space", ".hidden"])
+def test_bad_name_refused(records: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="record name"):
+        write_record({"x": 1}, name)
+
+
+def test_nan_refused_before_writing(records: Path) -> None:
+    with pytest.raises(ValueError):
+        write_record({"test_acc": math.nan}, "broken")
+    assert not records.exists() or not list(records.iterdir())
+
+
+def test_corrupt_record_named_in_error(records: Path) -> None:
+    write_record({"x": 1}, "good")
+    (records / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        read_records()
+    (records / "bad.json").write_text(json.dumps({"name": "bad"}))
+    assert [r["name"] for r in read_records()] == ["bad", "good"]
