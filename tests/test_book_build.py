@@ -1,0 +1,82 @@
+"""The book build's own pieces: the mode line, the execution-cache key, author-year labels, empty table headers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from docutils.core import publish_doctree
+from pybtex.database import parse_string
+
+import companion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "book" / "_ext"))
+import book_bibstyle  # noqa: E402
+import book_build  # noqa: E402
+
+
+def test_mode_line_names_the_mode_device_and_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPANION_QUICK", "1")
+    line = companion.mode_line()
+    assert "quick mode (COMPANION_QUICK=1)" in line and "full mode" not in line
+    assert torch.__version__ in line and f"device {companion.device()}" in line
+    monkeypatch.setenv("COMPANION_QUICK", "0")
+    line = companion.mode_line()
+    assert "full mode" in line and "quick mode" not in line
+
+
+def test_cache_key_changes_with_mode_and_package_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "companion").mkdir()
+    (tmp_path / "companion" / "a.py").write_text("x = 1\n")
+    (tmp_path / "requirements.txt").write_text("torch\n")
+    monkeypatch.setenv("COMPANION_QUICK", "1")
+    quick = book_build.source_key(tmp_path)
+    assert quick.startswith("quick-") and book_build.source_key(tmp_path) == quick  # stable
+    monkeypatch.setenv("COMPANION_QUICK", "0")
+    full = book_build.source_key(tmp_path)
+    assert full.startswith("full-") and full[5:] == quick[6:]
+    (tmp_path / "companion" / "a.py").write_text("x = 2\n")
+    assert book_build.source_key(tmp_path) != full
+    (tmp_path / "companion" / "a.py").write_text("x = 1\n")
+    (tmp_path / "requirements.txt").write_text("torch==2.14.1\n")
+    assert book_build.source_key(tmp_path) != full
+
+
+def test_results_page_read_last() -> None:
+    docnames = ["book/bibliography", "book/intro", "book/results", "chapters/01_convolution"]
+    book_build.results_last(None, None, docnames)
+    assert docnames == ["book/bibliography", "book/intro", "chapters/01_convolution", "book/results"]
+
+
+BIB = """
+@article{a1, author = {Paszke, Adam and Gross, Sam and Massa, Francisco}, title = {T}, journal = {J}, year = {2019}}
+@article{a2, author = {Xu, Kelvin and Ba, Jimmy}, title = {T2}, journal = {J}, year = {2015}}
+@article{a3, author = {Xu, Kelvin and Ba, Jimmy}, title = {T3}, journal = {J}, year = {2015}}
+@misc{a4, author = {Jordan, Keller}, title = {T4}, year = {2024}}
+@misc{a5, author = {{LeCun}, Yann and Bottou, L{\\'e}on and Bengio, Yoshua}, title = {T5}, year = {1998}}
+"""
+
+
+def test_author_year_labels_are_unique() -> None:
+    entries = list(parse_string(BIB, "bibtex").entries.values())
+    labels = list(book_bibstyle.AuthorYearLabels().format_labels(entries))
+    assert labels == [
+        "Paszke et al., 2019",
+        "Xu and Ba, 2015a",
+        "Xu and Ba, 2015b",
+        "Jordan, 2024",
+        "LeCun et al., 1998",
+    ]
+
+
+def test_empty_table_header_row_dropped() -> None:
+    empty_header = "+---+---+\n|   |   |\n+===+===+\n| a | b |\n+---+---+\n"
+    real_header = "+---+---+\n| h | i |\n+===+===+\n| c | d |\n+---+---+\n"
+    doctree = publish_doctree(empty_header + "\n" + real_header)
+    book_build.drop_empty_table_headers(None, doctree)
+    tables = list(doctree.findall(lambda n: n.tagname == "table"))
+    assert len(tables) == 2
+    assert [len(list(t.findall(lambda n: n.tagname == "thead"))) for t in tables] == [0, 1]
+    assert "a" in tables[0].astext() and "h" in tables[1].astext()
