@@ -24,6 +24,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def records_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipe runs in the tests write their result records to a temporary folder, not to the book's records."""
+    monkeypatch.setenv("COMPANION_RECORDS", str(tmp_path_factory.mktemp("records")))
+
+
 @pytest.fixture
 def fake_cifar(tmp_path: Path) -> Path:
     """An ImageFolder copy of CIFAR-10 in ``tmp_path`` (4 train and 2 test images per class), colours set by class."""
