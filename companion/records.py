@@ -7,6 +7,7 @@ package) ``~/.cache/companion/records``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_records", "records_dir", "write_record"]
+__all__ = ["read_records", "record_name", "records_dir", "write_record"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -28,6 +29,18 @@ def records_dir() -> Path:
     if (checkout / "pyproject.toml").is_file():
         return checkout / "_build" / "records"
     return Path.home() / ".cache" / "companion" / "records"
+
+
+def record_name(record: dict[str, Any]) -> str:
+    """A file name that is the same for every run of one configuration: model, mode and a hash of the settings.
+
+    The title's parenthesised tail (learned values such as a temperature) is left out, so a rerun replaces its
+    record instead of adding one.
+    """
+    model = str(record.get("model", "run")).split(" (")[0]
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[:60] or "run"
+    settings = json.dumps([record.get("settings"), record.get("epochs"), record.get("n_train")], sort_keys=True)
+    return f"{slug}-{record.get('mode', 'unknown')}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
 def write_record(record: dict[str, Any], name: str) -> Path:

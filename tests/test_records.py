@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from companion.records import read_records, records_dir, write_record
+from companion.records import read_records, record_name, records_dir, write_record
 
 
 @pytest.fixture
@@ -59,3 +59,26 @@ def test_corrupt_record_named_in_error(records: Path) -> None:
         read_records()
     (records / "bad.json").write_text(json.dumps({"name": "bad"}))
     assert [r["name"] for r in read_records()] == ["bad", "good"]
+
+
+def test_record_name_same_for_a_rerun_different_for_another_configuration(records: Path) -> None:
+    run = {
+        "model": "FastCNN(32, 64, 128) + cosine head over 10 class-text embeddings (temperature 0.1453)",
+        "mode": "full",
+        "settings": {"lr": 0.1, "patch_size": 4},
+        "epochs": 5,
+        "n_train": 50_000,
+    }
+    rerun = run | {"model": run["model"].replace("0.1453", "0.1512"), "test_acc": 0.8}
+    name = record_name(run)
+    assert name == record_name(rerun)  # a learned value in the title does not make a new record
+    assert name.startswith("fastcnn-32-64-128-cosine-head-over-10-class-text-embeddings-full-")
+    others = [
+        run | {"mode": "quick"},
+        run | {"settings": {"lr": 0.1, "patch_size": 2}},
+        run | {"epochs": 7},
+        run | {"model": "FastCNN(32, 64, 128) + cosine head over 8 class-text embeddings"},
+    ]
+    names = {record_name(r) for r in others}
+    assert len(names) == len(others) and name not in names
+    assert write_record(run, name) == records / f"{name}.json"  # a valid file name
