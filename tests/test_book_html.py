@@ -160,6 +160,10 @@ def test_results_page_first_line_says_the_mode(root: Path) -> None:
     chapter = soup(root / "chapters" / "03_cnn.html").select("div.cell_output")[0].get_text()
     assert mode_of(first.replace("quick mode", "quick mode (COMPANION_QUICK=1)", 1)) == mode_of(chapter)
     assert "External anchors" in article.get_text() and "external" in article.get_text().lower()
+    runs = article.find(id="this-book-s-runs").find_next("table")  # the records the chapters wrote in this build
+    rows = [[td.get_text().strip() for td in tr.find_all("td")] for tr in runs.find("tbody").find_all("tr")]
+    assert len(rows) >= 5, rows
+    assert any(row[1] == mode_of(chapter) for row in rows), rows
 
 
 def test_no_stray_python_reprs_in_outputs(root: Path) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from companion.recipes.cnn import CNN_RECIPE, train_cnn
 from companion.records import read_records, record_name, records_dir, write_record
 
 
@@ -82,3 +84,28 @@ def test_record_name_same_for_a_rerun_different_for_another_configuration(record
     names = {record_name(r) for r in others}
     assert len(names) == len(others) and name not in names
     assert write_record(run, name) == records / f"{name}.json"  # a valid file name
+
+
+TINY = replace(CNN_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=16)
+
+
+def test_a_reported_run_writes_its_record(records: Path, fake_cifar: Path) -> None:
+    train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False, verbose=False)
+    assert not read_records()  # not reported, not recorded
+    result = train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False)
+    (record,) = read_records()
+    assert record["name"] == record_name(result.record())
+    assert {k: record[k] for k in result.record()} == json.loads(json.dumps(result.record()))
+    train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False)
+    assert len(read_records()) == 1  # the same configuration again: replaced, not added
+
+
+def test_an_unwritable_records_folder_keeps_the_run(
+    tmp_path: Path, fake_cifar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("COMPANION_RECORDS", str(blocker / "records"))  # cannot be created: a file is in the way
+    with pytest.warns(UserWarning, match="could not write the result record"):
+        result = train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False)
+    assert 0 <= result.test_acc <= 1 and result.model is not None

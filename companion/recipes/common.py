@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 from companion import distributed
 from companion.data import DeviceLoader, load_cifar10
 from companion.models.common import save_weights
+from companion.records import record_name, write_record
 from companion.runtime import device as best_device
 from companion.train import Batches, History, evaluate, fit
 
@@ -194,9 +196,19 @@ def fit_recipe(
 
 
 def report(result: Result) -> None:
-    """Print the run's result line (under torchrun on rank 0 only, so the job prints one)."""
-    if distributed.is_main():
-        print(result.line())
+    """Print the run's result line and write its record for the book's Results page (see ``companion.records``).
+
+    Under torchrun only rank 0 does either, so the job prints one line and writes one record.
+    """
+    if not distributed.is_main():
+        return
+    print(result.line())
+    record = result.record()
+    try:
+        write_record(record, record_name(record))
+    except OSError as err:  # the run and its result stand; only the Results page will miss this row
+        msg = f"could not write the result record ({err}); set COMPANION_RECORDS to a writable folder"
+        warnings.warn(msg, stacklevel=2)
 
 
 def weights_path(save: str | os.PathLike) -> Path:
