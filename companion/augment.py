@@ -1,0 +1,249 @@
+"""Batch augmentation on the device, for the GPU recipes: random image ops, mixup and cutmix (Chapter 5).
+
+Everything works on whole (B, C, H, W) batches where they already live (the GPU), with no per-image
+Python loop. The random numbers come from a CPU ``torch.Generator`` (as in ``DeviceLoader``), so a seed
+gives the same augmentation on every device.
+
+- :func:`apply_op` / :func:`random_ops`: TrivialAugment (Muller & Hutter, 2021; one op per image at a
+  random strength) and RandAugment (Cubuk et al., 2020; ``num_ops`` ops at a fixed strength) on images in
+  [0, 1]. Geometric ops share one ``grid_sample``; colour ops are computed for the batch and selected.
+- :func:`mixup` (Zhang et al., 2018) and :func:`cutmix` (Yun et al., 2019) blend pairs of images and
+  their labels. The labels become class probabilities (B, num_classes) that sum to 1;
+  ``F.cross_entropy`` takes them as they are.
+- :class:`AugmentLoader` wraps a ``DeviceLoader``: un-normalise, random ops, normalise, mix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["OPS", "AugmentLoader", "apply_op", "cutmix", "mixup", "one_hot", "random_ops"]
+
+# name -> what magnitude 1 means; magnitudes are in [0, 1] (TrivialAugment's full range), with a random sign
+# where the op has two directions.
+OPS = (
+    "identity",
+    "brightness",  # multiply by 1 + 0.9 m
+    "contrast",  # blend with the image's mean grey level, factor 1 + 0.9 m
+    "color",  # blend with the grey image, factor 1 + 0.9 m
+    "sharpness",  # blend with a 3x3 smoothed copy, factor 1 + 0.9 m
+    "posterize",  # keep 8 - round(4 m) bits
+    "solarize",  # invert the pixels above 1 - m
+    "autocontrast",  # stretch each channel to [0, 1] (magnitude ignored)
+    "rotate",  # rotate by 30 m degrees about the centre
+    "shear_x",  # shear by 0.3 m
+    "shear_y",
+    "translate_x",  # shift by m / 3 of the width
+    "translate_y",
+)
+_GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+_SIGNED = ("brightness", "contrast", "color", "sharpness", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def _grey(x: Tensor) -> Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) luminance (ITU-R 601 weights, as torchvision)."""
+    w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True) if x.shape[1] == 3 else x.mean(1, keepdim=True)
+
+
+def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
+    """``other + factor * (x - other)`` per image (factor (B,)), clamped to [0, 1]."""
+    return (other + factor.view(-1, 1, 1, 1) * (x - other)).clamp(0, 1)
+
+
+def _affine(x: Tensor, name: str, m: Tensor) -> Tensor:
+    """(2, 3) affine matrices (B, 2, 3) in ``affine_grid``'s normalised coordinates for a geometric op."""
+    B = len(m)
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    if name == "rotate":
+        a = m * math.radians(30)
+        theta[:, 0, 0], theta[:, 0, 1] = a.cos(), -a.sin()
+        theta[:, 1, 0], theta[:, 1, 1] = a.sin(), a.cos()
+    elif name == "shear_x":
+        theta[:, 0, 1] = 0.3 * m
+    elif name == "shear_y":
+        theta[:, 1, 0] = 0.3 * m
+    elif name == "translate_x":
+        theta[:, 0, 2] = -2 * m / 3  # the output at x samples the input at x - shift: the image moves right
+    elif name == "translate_y":
+        theta[:, 1, 2] = -2 * m / 3
+    return theta
+
+
+def _colour(x: Tensor, name: str, m: Tensor) -> Tensor:
+    """The colour op ``name`` at per-image magnitudes ``m`` (B,) on images in [0, 1]."""
+    if name == "identity":
+        return x
+    if name == "brightness":
+        return _blend(x, torch.zeros_like(x), 1 + 0.9 * m)
+    if name == "contrast":
+        return _blend(x, _grey(x).mean((1, 2, 3), keepdim=True).expand_as(x), 1 + 0.9 * m)
+    if name == "color":
+        return _blend(x, _grey(x).expand_as(x), 1 + 0.9 * m)
+    if name == "sharpness":
+        kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device, dtype=x.dtype) / 13
+        C = x.shape[1]
+        smooth = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(C, 1, 3, 3), groups=C)
+        return _blend(x, smooth, 1 + 0.9 * m)
+    if name == "posterize":
+        step = (2.0 ** (4 * m).round()).view(-1, 1, 1, 1)  # 2 ** (bits dropped)
+        return torch.floor((x * 255).round() / step) * step / 255  # on the 8-bit grid of the original pixels
+    if name == "solarize":
+        return torch.where(x >= (1 - m).view(-1, 1, 1, 1), 1 - x, x)
+    if name == "autocontrast":
+        lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+        return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-6), x)
+    raise ValueError(f"unknown op {name!r}; choose from {OPS}")
+
+
+def apply_op(x: Tensor, name: str, magnitude: Tensor | float) -> Tensor:
+    """Apply one op to every image of (B, C, H, W) ``x`` in [0, 1] at ``magnitude`` (a number or (B,))."""
+    if x.ndim != 4:
+        raise ValueError(f"x must be a batch of images (B, C, H, W) in [0, 1], got shape {tuple(x.shape)}")
+    m = torch.as_tensor(magnitude, device=x.device, dtype=x.dtype).expand(len(x))  # (B,)
+    if name in _GEOMETRIC:
+        grid = F.affine_grid(_affine(x, name, m), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _colour(x, name, m)
+
+
+def random_ops(
+    x: Tensor,
+    generator: torch.Generator,
+    ops: Sequence[str] = OPS,
+    num_ops: int = 1,
+    magnitude: float | None = None,
+) -> Tensor:
+    """Random ops per image: ``num_ops`` ops drawn uniformly from ``ops`` for each image of (B, C, H, W) ``x``.
+
+    ``magnitude=None`` draws each strength uniformly from [0, 1] (TrivialAugment with ``num_ops=1``);
+    a number fixes it (RandAugment). Two-directional ops get a random sign.
+    """
+    unknown = [name for name in ops if name not in OPS]
+    if unknown or not ops:
+        raise ValueError(f"unknown ops {unknown}; choose a non-empty subset of {OPS}")
+    if magnitude is not None and not 0 <= magnitude <= 1:
+        raise ValueError(f"magnitude must be in [0, 1] (or None for a random one per image), got {magnitude}")
+    B = len(x)
+    for _ in range(num_ops):
+        choice = torch.randint(len(ops), (B,), generator=generator)
+        m = torch.rand(B, generator=generator) if magnitude is None else torch.full((B,), float(magnitude))
+        sign = torch.where(torch.rand(B, generator=generator) < 0.5, -1.0, 1.0)
+        choice, m, sign = choice.to(x.device), m.to(x.device, x.dtype), sign.to(x.device, x.dtype)
+        out = x
+        for i, name in enumerate(ops):
+            pick = choice == i  # (B,)
+            if name == "identity" or not bool(pick.any()):
+                continue
+            signed = m * sign if name in _SIGNED else m
+            out = torch.where(pick.view(B, 1, 1, 1), apply_op(x, name, signed), out)
+        x = out
+    return x
+
+
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B,) class indices -> (B, num_classes) probabilities; (B, num_classes) probabilities pass through."""
+    if labels.ndim == 2:
+        return labels.to(dtype)
+    return F.one_hot(labels, num_classes).to(dtype)
+
+
+def mixup(x: Tensor, y: Tensor, lam: float, perm: Tensor) -> tuple[Tensor, Tensor]:
+    """``lam * x + (1 - lam) * x[perm]``, and the same blend of the (B, num_classes) label probabilities ``y``."""
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
+
+def cutmix(x: Tensor, y: Tensor, box: tuple[int, int, int, int], perm: Tensor) -> tuple[Tensor, Tensor]:
+    """Paste the rectangle ``box = (top, left, height, width)`` of ``x[perm]`` into ``x``; mix ``y`` by area."""
+    top, left, h, w = box
+    H, W = x.shape[-2:]
+    out = x.clone()
+    out[..., top : top + h, left : left + w] = x[perm][..., top : top + h, left : left + w]
+    lam = 1 - h * w / (H * W)  # the share of each image that is still its own
+    return out, lam * y + (1 - lam) * y[perm]
+
+
+def _cutmix_box(lam: float, H: int, W: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """A rectangle of about ``(1 - lam)`` of the image, centred uniformly at random and clipped to the image."""
+    cut = math.sqrt(1 - lam)
+    cy = int(torch.randint(0, H, (1,), generator=generator))
+    cx = int(torch.randint(0, W, (1,), generator=generator))
+    h, w = round(H * cut), round(W * cut)
+    top, bottom = max(cy - h // 2, 0), min(cy - h // 2 + h, H)
+    left, right = max(cx - w // 2, 0), min(cx - w // 2 + w, W)
+    return top, left, bottom - top, right - left
+
+
+class AugmentLoader:
+    """Wrap a ``DeviceLoader``: random image ops, then mixup or cutmix, on the device; yields soft labels.
+
+    Each batch is un-normalised with the loader's ``mean``/``std``, passed through :func:`random_ops`
+    (if ``ops``), normalised again, and then, with probability ``mix_prob``, mixed: cutmix or mixup
+    (chosen with equal odds when both alphas are positive), with ``lam ~ Beta(alpha, alpha)`` and a random
+    pairing of the batch. Labels come out as (B, num_classes) probabilities that sum to 1.
+    """
+
+    def __init__(
+        self,
+        loader,
+        num_classes: int = 10,
+        ops: Sequence[str] = OPS,
+        num_ops: int = 1,
+        magnitude: float | None = None,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        mix_prob: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= mix_prob <= 1:
+            raise ValueError(
+                f"alphas must be >= 0 (0 = off) and mix_prob in [0, 1]; got mixup_alpha={mixup_alpha}, "
+                f"cutmix_alpha={cutmix_alpha}, mix_prob={mix_prob}"
+            )
+        self.loader, self.num_classes = loader, num_classes
+        self.ops, self.num_ops, self.magnitude = tuple(ops), num_ops, magnitude
+        self.mixup_alpha, self.cutmix_alpha, self.mix_prob = mixup_alpha, cutmix_alpha, mix_prob
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def labels(self) -> Tensor:
+        """The wrapped loader's labels (one per training image)."""
+        return self.loader.labels
+
+    def _beta(self, alpha: float) -> float:
+        """A draw from Beta(alpha, alpha), seeded from this loader's generator (torch's Beta takes no generator)."""
+        seed = int(torch.randint(2**62, (1,), generator=self.generator))
+        return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            if self.ops and self.num_ops > 0:
+                mean, std = self.loader.mean, self.loader.std
+                x = random_ops((x * std + mean).clamp(0, 1), self.generator, self.ops, self.num_ops, self.magnitude)
+                x = (x - mean) / std
+            y = one_hot(y, self.num_classes)
+            yield self.mix(x, y)
+
+    def mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixup or cutmix one normalised batch with (B, num_classes) labels, as the loader's settings say."""
+        alphas = [a for a in (self.mixup_alpha, self.cutmix_alpha) if a > 0]
+        if not alphas or float(torch.rand(1, generator=self.generator)) >= self.mix_prob:
+            return x, y
+        use_cutmix = self.cutmix_alpha > 0 and (
+            self.mixup_alpha == 0 or float(torch.rand(1, generator=self.generator)) < 0.5
+        )
+        perm = torch.randperm(len(x), generator=self.generator).to(x.device)
+        if use_cutmix:
+            lam = self._beta(self.cutmix_alpha)
+            return cutmix(x, y, _cutmix_box(lam, *x.shape[-2:], self.generator), perm)
+        return mixup(x, y, self._beta(self.mixup_alpha), perm)
