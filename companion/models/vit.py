@@ -5,18 +5,32 @@ An image is cut into ``patch_size x patch_size`` patches, each patch is flattene
 added, and a stack of pre-norm Transformer encoder blocks (``EncoderBlock``, built on
 ``companion.attention.MultiHeadAttention``) mixes the tokens. The class token (or the mean of the
 patch tokens) goes through a final LayerNorm and a linear head.
+
+Three options for training on small data sets, all off by default: stochastic depth (``DropPath``,
+Huang et al., 2016), shifted patch tokenization (``ShiftedPatchEmbedding``) and locality self-attention
+(``LocalitySelfAttention``), both from Lee et al. (2021), "Vision Transformer for Small-Size Datasets".
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from companion.attention import MultiHeadAttention, sinusoidal_position_encoding_2d
+from companion.attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_position_encoding_2d
 from companion.checks import check_divides, check_images
 
-__all__ = ["EncoderBlock", "PatchEmbedding", "ViT", "attention_rollout"]
+__all__ = [
+    "DropPath",
+    "EncoderBlock",
+    "LocalitySelfAttention",
+    "PatchEmbedding",
+    "ShiftedPatchEmbedding",
+    "ViT",
+    "attention_rollout",
+]
 
 
 class PatchEmbedding(nn.Module):
@@ -62,26 +76,131 @@ class PatchEmbedding(nn.Module):
         return conv
 
 
-class EncoderBlock(nn.Module):
-    """Pre-norm Transformer encoder block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))`` with a GELU MLP."""
+class ShiftedPatchEmbedding(nn.Module):
+    """Shifted patch tokenization (Lee et al., 2021): (B, C, H, W) -> (B, N, dim) tokens that also see neighbours.
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float = 0.0, eps: float = 1e-5) -> None:
+    The image and four copies shifted diagonally by half a patch (at least one pixel; zeros fill the gap)
+    are stacked along the channels (5C), cut into patches, layer-normalised and projected. Each token then
+    covers a wider window than its own patch, which gives a small-data ViT some of a CNN's locality.
+    """
+
+    def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, dim: int = 192) -> None:
+        super().__init__()
+        self.embed = PatchEmbedding(image_size, patch_size, 5 * in_channels, dim)  # checks the patch size
+        self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
+        self.grid_size, self.num_patches = self.embed.grid_size, self.embed.num_patches
+        self.shift_by = max(1, patch_size // 2)
+        self.norm = nn.LayerNorm(5 * in_channels * patch_size**2)
+
+    def shift(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, 5C, H, W): the image, then its copies moved up-left, up-right, down-left, down-right."""
+        s = self.image_size
+        hint = f"; resize or crop the images to {s}x{s}, or build a model for square images of another side"
+        check_images(x, "this model", self.in_channels, s, hint=hint)
+        s, H, W = self.shift_by, x.shape[2], x.shape[3]
+        padded = F.pad(x, (s, s, s, s))  # (B, C, H + 2s, W + 2s)
+        moves = ((s, s), (s, -s), (-s, s), (-s, -s))  # crop offsets: the content moves up-left, up-right, ...
+        shifted = [padded[:, :, s + dy : s + dy + H, s + dx : s + dx + W] for dy, dx in moves]
+        return torch.cat([x, *shifted], dim=1)  # (B, 5C, H, W)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, N, dim) patch tokens of the shifted stack."""
+        patches = self.embed.patchify(self.shift(x))  # (B, N, 5 C p p)
+        return self.embed.proj(self.norm(patches))  # (B, N, dim)
+
+
+class LocalitySelfAttention(MultiHeadAttention):
+    """Locality self-attention (Lee et al., 2021): multi-head self-attention with a learned temperature whose
+    tokens do not attend to themselves.
+
+    The scores are ``q k^T * exp(log_scale)`` with ``exp(log_scale)`` starting at ``1 / sqrt(head_dim)`` and
+    learned (a lower temperature sharpens the attention); the diagonal is masked out, so each token's
+    output is drawn from the other tokens only.
+    """
+
+    def __init__(self, dim: int, num_heads: int, bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__(dim, num_heads, bias=bias, dropout=dropout)
+        self.log_scale = nn.Parameter(torch.tensor(-0.5 * math.log(self.head_dim)))
+
+    def forward(self, query: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, T, dim) tokens -> (B, T, dim), and with ``return_attention`` the weights (B, heads, T, T)."""
+        if query.ndim != 3 or query.shape[-1] != self.dim:
+            raise ValueError(f"query must have shape (B, tokens, {self.dim}), got {tuple(query.shape)}")
+        B, T, _ = query.shape
+        H, hd = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(query).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        v = self.v_proj(query).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        q = q * self.log_scale.exp()  # the learned temperature, folded into q so the fused kernel still runs
+        attn_mask = ~torch.eye(T, dtype=torch.bool, device=query.device)  # (T, T): True = attend, not to oneself
+        dropout_p = self.dropout if self.training else 0.0
+        out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, return_attention=return_attention, scale=1.0)
+        if return_attention:
+            out, weights = out  # weights (B, H, T, T), zero on the diagonal
+        out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.dim))  # (B, T, dim): heads merged
+        return (out, weights) if return_attention else out
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016): in training, drop a residual branch for a random fraction ``p`` of
+    the examples.
+
+    Each example's branch output is kept with probability ``1 - p`` and then divided by ``1 - p``, so its
+    expected value is unchanged; in evaluation the module is the identity.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, ...) -> (B, ...): whole examples zeroed (and the rest rescaled) in training."""
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)  # (B, 1, ...)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm Transformer encoder block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))`` with a GELU MLP.
+
+    ``drop_path`` drops both residual branches per example in training (stochastic depth);
+    ``locality`` uses :class:`LocalitySelfAttention` instead of plain multi-head attention.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        eps: float = 1e-5,
+        drop_path: float = 0.0,
+        locality: bool = False,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = MultiHeadAttention(dim, num_heads, dropout=dropout)
+        attention = LocalitySelfAttention if locality else MultiHeadAttention
+        self.attn = attention(dim, num_heads, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout)
         )
         self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """(B, N, dim) -> (B, N, dim), and with ``return_attention`` the weights (B, heads, N, N)."""
         out = self.attn(self.norm1(x), return_attention=return_attention)
         if return_attention:
             out, weights = out  # weights (B, heads, N, N)
-        x = x + self.dropout(out)  # (B, N, dim)
-        x = x + self.mlp(self.norm2(x))  # (B, N, dim)
+        x = x + self.drop_path(self.dropout(out))  # (B, N, dim)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))  # (B, N, dim)
         return (x, weights) if return_attention else x
 
     @classmethod
@@ -115,7 +234,9 @@ class ViT(nn.Module):
 
     ``pool='cls'`` classifies from the class token, ``pool='mean'`` from the mean of the patch tokens
     (no class token then). ``pos_embedding='learned'`` trains one vector per token; ``'sincos'`` adds
-    the fixed 2-D sinusoidal encoding of the patch grid.
+    the fixed 2-D sinusoidal encoding of the patch grid. ``drop_path`` is the stochastic-depth rate of the
+    last block (rising linearly from 0 in the first); ``shifted_patches`` and ``locality_attention`` switch on
+    SPT and LSA (Lee et al., 2021). With the defaults the model is the plain ViT.
     """
 
     def __init__(
@@ -131,6 +252,9 @@ class ViT(nn.Module):
         pos_embedding: str = "learned",
         in_channels: int = 3,
         dropout: float = 0.0,
+        drop_path: float = 0.0,
+        shifted_patches: bool = False,
+        locality_attention: bool = False,
     ) -> None:
         super().__init__()
         if pool not in {"cls", "mean"}:
@@ -140,7 +264,8 @@ class ViT(nn.Module):
         if depth < 1:
             raise ValueError(f"depth must be at least 1 encoder block, got {depth}")
         self.pool = pool
-        self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, dim)
+        embedding = ShiftedPatchEmbedding if shifted_patches else PatchEmbedding
+        self.patch_embed = embedding(image_size, patch_size, in_channels, dim)
         num_tokens = self.patch_embed.num_patches + (1 if pool == "cls" else 0)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         if pos_embedding == "learned":
@@ -150,7 +275,11 @@ class ViT(nn.Module):
             g = self.patch_embed.grid_size
             grid = sinusoidal_position_encoding_2d(g, g, dim)  # (N, dim); the class token gets no position
             self.register_buffer("pos_embedding", torch.cat([torch.zeros(num_tokens - g * g, dim), grid]))
-        self.blocks = nn.ModuleList(EncoderBlock(dim, num_heads, round(mlp_ratio * dim), dropout) for _ in range(depth))
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth: 0 first, drop_path last
+        self.blocks = nn.ModuleList(
+            EncoderBlock(dim, num_heads, round(mlp_ratio * dim), dropout, drop_path=r, locality=locality_attention)
+            for r in rates
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.apply(self._init_weights)
