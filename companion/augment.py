@@ -11,6 +11,7 @@ gives the same augmentation on every device.
   their labels. The labels become class probabilities (B, num_classes) that sum to 1;
   ``F.cross_entropy`` takes them as they are.
 - :class:`AugmentLoader` wraps a ``DeviceLoader``: un-normalise, random ops, normalise, mix.
+- :func:`tta_logits`: test-time augmentation, the logits averaged over mirrored and shifted copies.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["OPS", "AugmentLoader", "apply_op", "cutmix", "mixup", "one_hot", "random_ops"]
+__all__ = ["OPS", "AugmentLoader", "apply_op", "cutmix", "mixup", "one_hot", "random_ops", "translate", "tta_logits"]
 
 # name -> what magnitude 1 means; magnitudes are in [0, 1] (TrivialAugment's full range), with a random sign
 # where the op has two directions.
@@ -247,3 +248,31 @@ class AugmentLoader:
             lam = self._beta(self.cutmix_alpha)
             return cutmix(x, y, _cutmix_box(lam, *x.shape[-2:], self.generator), perm)
         return mixup(x, y, self._beta(self.mixup_alpha), perm)
+
+
+def translate(x: Tensor, dy: int, dx: int) -> Tensor:
+    """(B, C, H, W) images moved ``dy`` pixels down and ``dx`` right, the uncovered border filled by reflection."""
+    p = max(abs(dy), abs(dx))
+    if p == 0:
+        return x
+    H, W = x.shape[-2:]
+    padded = F.pad(x, (p, p, p, p), mode="reflect")  # (B, C, H + 2p, W + 2p)
+    return padded[..., p - dy : p - dy + H, p - dx : p - dx + W]
+
+
+def tta_logits(model: torch.nn.Module, x: Tensor, flip: bool = True, translate_by: int = 0) -> Tensor:
+    """Test-time augmentation: the model's float logits averaged over views of the (B, C, H, W) batch ``x``.
+
+    The views are the images and (``flip``) their mirrors; with ``translate_by`` > 0 also copies moved
+    diagonally by that many pixels both ways (reflect-padded), as airbench does: the unshifted views weigh
+    1/2, each shifted direction 1/4.
+    """
+
+    def views(images: Tensor) -> Tensor:
+        logits = model(images).float()
+        return 0.5 * (logits + model(images.flip(3)).float()) if flip else logits
+
+    if translate_by <= 0:
+        return views(x)
+    t = translate_by
+    return 0.5 * views(x) + 0.25 * views(translate(x, t, t)) + 0.25 * views(translate(x, -t, -t))

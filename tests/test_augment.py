@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from companion.augment import OPS, AugmentLoader, apply_op, cutmix, mixup, one_hot, random_ops
+from companion.augment import OPS, AugmentLoader, apply_op, cutmix, mixup, one_hot, random_ops, translate, tta_logits
 from companion.data import DeviceLoader
 
 
@@ -161,3 +161,38 @@ def test_augment_loader_without_ops_and_mixing_is_the_plain_loader() -> None:
         torch.testing.assert_close(ya, one_hot(y, 10), atol=0, rtol=0)
     with pytest.raises(ValueError, match="alphas must be >= 0"):
         AugmentLoader(loader(), mixup_alpha=-1)
+
+
+def test_translate_moves_the_content_and_reflects_at_the_border() -> None:
+    x = images()
+    moved = translate(x, 1, 2)  # one down, two right
+    torch.testing.assert_close(moved[..., 1:, 2:], x[..., :-1, :-2], atol=0, rtol=0)
+    torch.testing.assert_close(moved[..., 0, 2:], x[..., 1, :-2], atol=0, rtol=0)  # row -1 reflects to row 1
+    torch.testing.assert_close(translate(x, 0, 0), x, atol=0, rtol=0)
+
+
+class Recorder(torch.nn.Module):
+    """A 'model' whose logits are the images' first pixel per channel; it records the views it is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x)
+        return x[:, :, 0, 0]
+
+
+def test_tta_logits_average_the_right_views_with_the_right_weights() -> None:
+    x = images()
+    model = Recorder()
+    torch.testing.assert_close(tta_logits(model, x, flip=False), x[:, :, 0, 0])
+    torch.testing.assert_close(tta_logits(model, x, flip=True), 0.5 * (x[:, :, 0, 0] + x[:, :, 0, -1]))
+    model.seen.clear()
+    out = tta_logits(model, x, flip=True, translate_by=2)
+    assert len(model.seen) == 6
+    torch.testing.assert_close(model.seen[2], translate(x, 2, 2), atol=0, rtol=0)
+    torch.testing.assert_close(model.seen[4], translate(x, -2, -2), atol=0, rtol=0)
+    corner = [v[:, :, 0, 0] for v in model.seen]
+    want = 0.25 * (corner[0] + corner[1]) + 0.125 * (corner[2] + corner[3] + corner[4] + corner[5])
+    torch.testing.assert_close(out, want)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from companion.models import FastCNN, ViT
-from companion.optim import param_groups
+from companion.optim import EMA, param_groups
 
 
 def decayed(model: nn.Module, groups: list[dict]) -> set[str]:
@@ -23,6 +23,7 @@ def test_vit_groups_skip_norms_biases_and_optionally_the_embeddings() -> None:
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     groups = param_groups(model, 0.05, no_decay=("cls_token", "pos_embedding"))
     assert decayed(model, groups) == matrices - {"cls_token", "pos_embedding"}
+    assert {id(p) for p in groups[2]["params"]} == {id(model.cls_token), id(model.pos_embedding)}
     assert all(not n.endswith("bias") and "norm" not in n for n in decayed(model, groups))
     total = sum(len(g["params"]) for g in groups)
     assert total == len(list(model.parameters()))  # every trainable parameter in exactly one group
@@ -50,3 +51,55 @@ def test_groups_work_in_an_optimizer() -> None:
     opt.step()
     torch.testing.assert_close(model.pos_embedding, pos, atol=0, rtol=0)  # skipped
     torch.testing.assert_close(model.cls_token, cls * (1 - 0.1 * 0.5))  # decayed: p <- p (1 - lr wd)
+
+
+def test_vectors_get_their_own_learning_rate() -> None:
+    model = FastCNN((8, 8, 8))
+    groups = param_groups(model, 5e-4, vector_lr=3.0)
+    assert groups[1]["lr"] == 3.0 and "lr" not in groups[0] and len(groups) == 2
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.parameters() if p.ndim < 2}
+    opt = torch.optim.SGD(groups, lr=0.1)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)  # a schedule scales each group's own rate
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 1.5]
+
+
+def small_bn_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_ema_averages_weights_and_buffers() -> None:
+    torch.manual_seed(0)
+    model = small_bn_net()
+    ema = EMA(model, decay=0.9)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()(torch.randn(8, 3))  # moves the BatchNorm statistics
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.9 * start[k] + 0.1 * model.state_dict()[k])
+        else:
+            assert torch.equal(v, model.state_dict()[k])  # num_batches_tracked: copied
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+    ema.copy_to(model)
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_ema_every_k_steps_and_lookahead_resets_the_model() -> None:
+    torch.manual_seed(0)
+    model = small_bn_net()
+    ema = EMA(model, decay=0.5, every=3, lookahead=True)
+    start = model[0].weight.detach().clone()
+    for step in range(1, 4):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        ema.update(model)
+        if step < 3:  # not averaged yet
+            torch.testing.assert_close(ema.module[0].weight, start)
+    torch.testing.assert_close(ema.module[0].weight, start + 1.5)  # 0.5 start + 0.5 (start + 3)
+    torch.testing.assert_close(model[0].weight, start + 1.5)  # lookahead: the model restarts from the average
+    with pytest.raises(ValueError, match="decay must be in"):
+        EMA(model, decay=1.0)
