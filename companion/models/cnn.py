@@ -40,9 +40,14 @@ class SimpleCNN(nn.Module):
 
 
 class ConvGroup(nn.Module):
-    """One stage of FastCNN: conv3x3 -> maxpool 2 -> BN -> act, then ``depth - 1`` x (conv3x3 -> BN -> act)."""
+    """One stage of FastCNN: conv3x3 -> maxpool 2 -> BN -> act, then ``depth - 1`` x (conv3x3 -> BN -> act).
 
-    def __init__(self, in_channels: int, out_channels: int, depth: int = 2, batch_norm: bool = True) -> None:
+    ``bn_scale=False`` freezes the BatchNorm scales at 1 (only the shifts learn), as airbench does.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, depth: int = 2, batch_norm: bool = True, bn_scale: bool = True
+    ) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be at least 1 convolution per stage, got {depth}")
@@ -52,6 +57,9 @@ class ConvGroup(nn.Module):
         )  # with batch-norm a conv bias would be cancelled by the mean subtraction
         norm = nn.BatchNorm2d if batch_norm else lambda _: nn.Identity()
         self.norms = nn.ModuleList(norm(out_channels) for _ in range(depth))
+        if batch_norm and not bn_scale:
+            for bn in self.norms:
+                bn.weight.requires_grad_(False)  # a fixed scale of 1: the next conv can scale instead
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +72,10 @@ class ConvGroup(nn.Module):
 
 
 class FastCNN(nn.Module):
-    """A fast CIFAR-10 CNN in the spirit of ResNet-9 / airbench: stem, len(widths) conv groups, max-pool, linear."""
+    """A fast CIFAR-10 CNN in the spirit of ResNet-9 / airbench: stem, len(widths) conv groups, max-pool, linear.
+
+    ``bn_scale=False`` freezes every BatchNorm scale at 1 (airbench's BatchNorm without an affine scale).
+    """
 
     def __init__(
         self,
@@ -74,6 +85,7 @@ class FastCNN(nn.Module):
         stem_width: int = 24,
         batch_norm: bool = True,
         logit_scale: float = 1 / 9,
+        bn_scale: bool = True,
     ) -> None:
         super().__init__()
         if not widths or min(widths) < 1:
@@ -81,7 +93,7 @@ class FastCNN(nn.Module):
         self.stem = nn.Conv2d(3, stem_width, kernel_size=2, bias=True)  # 2x2 patches: 32x32 -> 31x31
         chans = (stem_width, *widths)
         self.stages = nn.ModuleList(
-            ConvGroup(chans[i], chans[i + 1], depth_per_stage, batch_norm) for i in range(len(widths))
+            ConvGroup(chans[i], chans[i + 1], depth_per_stage, batch_norm, bn_scale) for i in range(len(widths))
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
