@@ -106,7 +106,7 @@ def test_save_and_load_round_trip_on_cuda(tmp_path: Path) -> None:
     companion.seed_everything(0)
     models = [
         lambda: FastCNN((16, 16, 16)),
-        lambda: ViT(dim=32, depth=2, heads=2, drop_path=0.1, shifted_patches=True, locality_attention=True),
+        lambda: ViT(dim=32, depth=2, num_heads=2, drop_path=0.1, shifted_patches=True, locality_attention=True),
     ]
     x = torch.randn(4, 3, 32, 32, device=CUDA)
     for i, build in enumerate(models):
@@ -125,7 +125,7 @@ def test_save_and_load_round_trip_on_cuda(tmp_path: Path) -> None:
 
 def test_vit_rollout_flops_and_summary_take_cuda_models() -> None:
     companion.seed_everything(0)
-    model = ViT(dim=32, depth=2, heads=2).to(CUDA).eval()
+    model = ViT(dim=32, depth=2, num_heads=2).to(CUDA).eval()
     x = torch.randn(2, 3, 32, 32, device=CUDA)
     logits, attentions = model(x, return_attention=True)
     rollout = attention_rollout(attentions)
@@ -139,7 +139,7 @@ def test_vit_rollout_flops_and_summary_take_cuda_models() -> None:
 
 def test_small_data_vit_options_train_in_bf16_on_cuda() -> None:
     companion.seed_everything(0)
-    model = ViT(dim=32, depth=2, heads=2, drop_path=0.1, shifted_patches=True, locality_attention=True)
+    model = ViT(dim=32, depth=2, num_heads=2, drop_path=0.1, shifted_patches=True, locality_attention=True)
     history = fit(model, cuda_loader(), epochs=2, optimizer="adamw", progress=False)
     assert history.device.startswith("cuda") and all(torch.isfinite(torch.tensor(history.train_loss)))
 
@@ -194,7 +194,7 @@ def test_viz_helpers_take_cuda_tensors() -> None:
 
 
 def test_caption_decoder_trains_on_cuda() -> None:
-    from companion.llm import CaptionDecoder, WordVocab, train_captioner
+    from companion.models.caption import CaptionDecoder, WordVocab, train_captioner
 
     companion.seed_everything(0)
     classes, templates = ["cat", "dog", "ship"], ["a photo of a {}.", "a picture of the {}."]

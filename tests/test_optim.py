@@ -16,7 +16,7 @@ def decayed(model: nn.Module, groups: list[dict]) -> set[str]:
 
 
 def test_vit_groups_skip_norms_biases_and_optionally_the_embeddings() -> None:
-    model = ViT(image_size=8, patch_size=4, dim=8, depth=2, heads=2)
+    model = ViT(image_size=8, patch_size=4, dim=8, depth=2, num_heads=2)
     matrices = {n for n, p in model.named_parameters() if p.ndim >= 2}
     groups = param_groups(model, 0.05)  # today's rule: every matrix, the embeddings included
     assert decayed(model, groups) == matrices and {"cls_token", "pos_embedding"} <= matrices
@@ -40,7 +40,7 @@ def test_frozen_parameters_are_left_out_and_unknown_names_are_errors() -> None:
 
 
 def test_groups_work_in_an_optimizer() -> None:
-    model = ViT(image_size=8, patch_size=4, dim=8, depth=1, heads=2)
+    model = ViT(image_size=8, patch_size=4, dim=8, depth=1, num_heads=2)
     opt = torch.optim.AdamW(param_groups(model, 0.5, no_decay=("pos_embedding",)), lr=0.1)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # zero gradients: only the decoupled weight decay moves a parameter
