@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +14,8 @@ from torch import nn
 from tqdm import tqdm
 
 from companion import distributed
+from companion.augment import tta_logits
+from companion.optim import EMA, param_groups
 from companion.runtime import device, seed_everything
 
 __all__ = ["History", "device", "evaluate", "fit", "predict", "seed_everything"]
@@ -70,11 +72,18 @@ def _schedule(kind: str, total_steps: int, warmup: float):
     return factor
 
 
-def _optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; weight decay on weight matrices and kernels only, not biases or norms."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _optimizer(
+    model: nn.Module,
+    kind: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    no_decay: Collection[str] = (),
+    vector_lr_scale: float = 1.0,
+) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; weight decay on weight matrices and kernels only (see ``param_groups``)."""
+    vector_lr = lr * vector_lr_scale if vector_lr_scale != 1.0 else None
+    groups = param_groups(model, weight_decay, no_decay, vector_lr)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
     if kind == "adamw":
@@ -84,9 +93,11 @@ def _optimizer(model: nn.Module, kind: str, lr: float, weight_decay: float, mome
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True
+    model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True, tta_translate: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole data set, on the CPU; ``tta_flip`` averages with the mirrored images.
+
+    ``tta_translate`` > 0 also averages over copies shifted by that many pixels (``companion.augment.tta_logits``).
 
     The batches are moved to the model's device; results stay there until one copy to the CPU at the end.
     """
@@ -97,9 +108,7 @@ def predict(
     for x, y in data:
         x = x.to(dev)
         with _autocast(dev, amp):
-            logits = model(x).float()
-            if tta_flip:
-                logits = 0.5 * (logits + model(x.flip(3)).float())
+            logits = tta_logits(model, x, flip=tta_flip, translate_by=tta_translate)  # (B, C) float
         all_logits.append(logits)
         all_labels.append(y)
     model.train(was_training)
@@ -108,9 +117,11 @@ def predict(
     return torch.cat(all_logits).cpu(), torch.cat([y.to(dev) for y in all_labels]).cpu()
 
 
-def evaluate(model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (in [0, 1]) of ``model`` on ``data``."""
-    logits, labels = predict(model, data, tta_flip=tta_flip, amp=amp)
+def evaluate(
+    model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True, tta_translate: int = 0
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (in [0, 1]) of ``model`` on ``data`` (test-time augmentation as ``predict``)."""
+    logits, labels = predict(model, data, tta_flip=tta_flip, amp=amp, tta_translate=tta_translate)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
@@ -143,6 +154,11 @@ def fit(
     tta_flip: bool = False,
     progress: bool = True,
     sync_batch_norm: bool = False,
+    no_decay: Collection[str] = (),
+    vector_lr_scale: float = 1.0,
+    ema_decay: float | None = None,
+    lookahead_every: int = 0,
+    tta_translate: int = 0,
 ) -> History:
     """Train ``model`` on ``train_data`` for ``epochs`` epochs and return its ``History``.
 
@@ -154,7 +170,14 @@ def fit(
 
     Batches are ``(x, y)``: ``x`` a tensor, or a tuple of tensors passed as ``model(*x)``; ``y`` class labels
     (B,) for logits (B, C), or targets (B, ...) for logits (B, ..., C) such as next tokens. Targets equal to
-    ``ignore_index`` (e.g. padding) count in neither the loss nor the accuracy.
+    ``ignore_index`` (e.g. padding) count in neither the loss nor the accuracy. Floating-point ``y`` of shape
+    (B, C) are class probabilities (soft labels, e.g. from mixup or cutmix); accuracy then counts their argmax.
+
+    Options of the GPU recipes, all off by default: ``no_decay`` names parameters kept out of weight decay and
+    ``vector_lr_scale`` multiplies the learning rate of biases and norm parameters (``companion.optim.param_groups``);
+    ``ema_decay`` keeps an exponential moving average of the weights (``companion.optim.EMA``), evaluates it
+    after each epoch and leaves it in ``model`` at the end; with ``lookahead_every`` = k > 0 the average is
+    taken every k steps and the weights restart from it. ``tta_translate`` is passed to ``evaluate``.
 
     Under ``torchrun`` the model is wrapped in ``DistributedDataParallel`` (``sync_batch_norm``: with
     ``SyncBatchNorm``, CUDA only), the training figures are summed over all processes, every rank
@@ -172,7 +195,8 @@ def fit(
         lr = 0.05 if optimizer == "sgd" else 1e-3
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr}")
-    opt = _optimizer(model, optimizer, lr, weight_decay, momentum)
+    opt = _optimizer(model, optimizer, lr, weight_decay, momentum, no_decay, vector_lr_scale)
+    ema = None  # the average of the weights, made with the model on its device
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, epochs * steps_per_epoch, warmup))
 
     history = History()
@@ -189,24 +213,34 @@ def fit(
                     model.to(y.device)
                     history.device = str(y.device)
                     net = distributed.wrap(model, sync_batch_norm)
+                    if ema_decay is not None:
+                        every = max(1, lookahead_every)
+                        ema = EMA(getattr(model, "_orig_mod", model), ema_decay, every, lookahead_every > 0)
                 loss_sum = torch.zeros((), device=y.device)
                 correct = torch.zeros((), dtype=torch.long, device=y.device)
                 scored = torch.zeros((), dtype=torch.long, device=y.device)  # targets that count: not ignore_index
                 first_bad = torch.full((), -1, dtype=torch.long, device=y.device)  # first step with a bad loss
             with _autocast(y.device, amp):
                 logits = net(*x) if isinstance(x, tuple) else net(x)  # (B, C) or (B, ..., C)
-                loss = F.cross_entropy(
-                    logits.float().flatten(0, -2),
-                    y.flatten(),
-                    label_smoothing=label_smoothing,
-                    ignore_index=ignore_index,
-                )
+                if y.is_floating_point():  # soft labels (B, C): class probabilities
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                else:
+                    loss = F.cross_entropy(
+                        logits.float().flatten(0, -2),
+                        y.flatten(),
+                        label_smoothing=label_smoothing,
+                        ignore_index=ignore_index,
+                    )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(getattr(model, "_orig_mod", model))
+            if y.is_floating_point():
+                y = y.argmax(-1)  # (B,): the class with the largest share counts for the accuracy
             keep = y != ignore_index  # (B, ...)
             n = keep.sum()
             loss_sum += loss.detach() * n
@@ -233,10 +267,15 @@ def fit(
         postfix = {"epoch": epoch + 1, "loss": f"{history.train_loss[-1]:.3f}", "acc": f"{history.train_acc[-1]:.3f}"}
         distributed.sync_buffers(model)  # every rank now holds rank 0's model
         if test_data is not None:
-            test_loss, test_acc = evaluate(model, test_data, tta_flip=tta_flip, amp=amp)
+            evaluated = ema.module if ema is not None else model
+            test_loss, test_acc = evaluate(
+                evaluated, test_data, tta_flip=tta_flip, amp=amp, tta_translate=tta_translate
+            )
             history.test_loss.append(test_loss)
             history.test_acc.append(test_acc)
             postfix["test_acc"] = f"{test_acc:.3f}"
         bar.set_postfix(postfix)
     bar.close()
+    if ema is not None:
+        ema.copy_to(getattr(model, "_orig_mod", model))  # the averaged weights are the result
     return history
