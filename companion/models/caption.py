@@ -171,7 +171,8 @@ class _CaptionBatches:
         for start in range(0, len(self.labels), self.batch_size):
             idx = order[start : start + self.batch_size]
             template = torch.randint(0, self.captions.shape[1], (len(idx),), generator=self.gen)
-            seq = self.captions[self.labels[idx], template].to(self.device)  # (B, L): <bos> words <eos> <pad>...
+            rows = self.labels[idx].to(self.captions.device), template.to(self.captions.device)  # index where they live
+            seq = self.captions[rows].to(self.device)  # (B, L): <bos> words <eos> <pad>...
             yield (self.feature_maps[idx].to(self.device), seq[:, :-1]), seq[:, 1:]  # predict each next token
 
 
