@@ -76,7 +76,7 @@ def plot_confusion_matrix(
     y_true: Sequence[int] | torch.Tensor, y_pred: Sequence[int] | torch.Tensor, classes: Sequence[str]
 ) -> plt.Figure:
     """Row-normalised confusion matrix (rows: true class, columns: predicted), in percent."""
-    y_true, y_pred = torch.as_tensor(y_true).long(), torch.as_tensor(y_pred).long()
+    y_true, y_pred = torch.as_tensor(y_true).long().cpu(), torch.as_tensor(y_pred).long().cpu()  # CUDA ones too
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true and y_pred differ in shape: {tuple(y_true.shape)} vs {tuple(y_pred.shape)}")
     k = len(classes)
