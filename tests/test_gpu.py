@@ -222,15 +222,33 @@ class StubTextEncoder:
 
 
 def test_chapter6_trainings_run_two_epochs_on_cuda(fake_cifar: Path) -> None:
-    from companion.recipe_llm import LLM_RECIPE, train_linear_baseline, train_llm
+    from companion.models.image_text import image_embeddings
+    from companion.recipes.llm import LLM_RECIPE, train_linear_baseline, train_llm
 
     recipe = replace(LLM_RECIPE, widths=(8, 8, 8), batch_size=8)
     for run in (
         train_linear_baseline(epochs=2, root=fake_cifar, recipe=recipe, progress=False, verbose=False),
         train_llm(epochs=2, root=fake_cifar, recipe=recipe, encoder=StubTextEncoder(), progress=False, verbose=False),
     ):
-        assert run["device"].startswith("cuda") and len(run["history"].train_loss) == 2
-        assert 0 <= run["test_acc_tta"] <= 1
+        assert run.device.startswith("cuda") and len(run.history.train_loss) == 2
+        assert 0 <= run.test_acc_tta <= 1
+    embeddings, labels = image_embeddings(run.model, run.test)
+    assert embeddings.device.type == "cpu" and len(embeddings) == len(labels) == 20
+
+
+def test_gpu_recipes_train_compiled_on_cuda(fake_cifar: Path) -> None:
+    """The GPU recipes' every ingredient on CUDA, torch.compile included, on a tiny data set."""
+    from companion.recipes.cnn import CNN_RECIPE_GPU, train_cnn
+    from companion.recipes.vit import VIT_RECIPE_GPU, train_vit
+
+    small = {"quick_n_train": 40, "quick_n_test": 20}
+    cnn_recipe = replace(CNN_RECIPE_GPU, widths=(16, 16, 16), quick_batch_size=8, **small)
+    vit_recipe = replace(VIT_RECIPE_GPU, dim=32, depth=2, num_heads=2, batch_size=8, **small)
+    cnn = train_cnn(quick=True, epochs=2, root=fake_cifar, recipe=cnn_recipe, progress=False, verbose=False)
+    vit = train_vit(quick=True, epochs=2, root=fake_cifar, recipe=vit_recipe, progress=False, verbose=False)
+    for run in (cnn, vit):
+        assert run.device.startswith("cuda") and all(torch.isfinite(torch.tensor(run.history.train_loss)))
+        assert next(run.model.parameters()).device.type == CUDA.type
 
 
 @pytest.mark.parametrize("what", ["cnn", "vit", "llm"])
@@ -242,6 +260,8 @@ def test_every_recipe_runs_quick_through_the_cli_on_cuda(what: str, cifar10: Non
     save = tmp_path / f"{what}.safetensors"
     out = run_cli("train", what, "--quick", "--epochs", "2", "--save", str(save))
     assert "(quick, 2 epochs" in out and "device cuda" in out and save.is_file(), out
+    gpu_recipe = {"cnn": "FastCNN(64, 256, 256)", "vit": "ViT gpu recipe", "llm": "FastCNN(32, 64, 128)"}[what]
+    assert out.startswith(gpu_recipe), out  # on CUDA, train cnn and train vit pick their GPU recipes
 
 
 @pytest.mark.parametrize("what", ["conv", "attention"])

@@ -3,15 +3,24 @@ the weight average, translate-TTA in ``fit``/``evaluate``, and the recipes' fiel
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import companion
+import companion.recipes.cnn as cnn_recipes
+import companion.recipes.vit as vit_recipes
 from companion.augment import AugmentLoader, tta_logits
 from companion.data import DeviceLoader
 from companion.models import FastCNN, ViT, count_parameters
+from companion.models.vit import LocalitySelfAttention, ShiftedPatchEmbedding
+from companion.recipes.cnn import CNN_RECIPE, CNN_RECIPE_GPU, make_cnn, train_cnn
+from companion.recipes.common import Recipe, maybe_compile
+from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU, ErasingLoader, make_vit, train_vit, vit_data
 from companion.train import History, _optimizer, evaluate, fit, predict
 
 
@@ -107,3 +116,97 @@ def test_translate_tta_in_evaluate() -> None:
     assert not torch.allclose(plain, logits)
     loss, acc = evaluate(model, data, tta_flip=True, tta_translate=2)
     assert acc == (logits.argmax(1) == labels).float().mean().item()
+
+
+# The GPU recipes' switches: each off (at its Recipe default) in the CPU recipes, so their measured figures hold.
+GPU_SWITCHES = {
+    "no_decay": (),
+    "vector_lr_scale": 1.0,
+    "ema_decay": None,
+    "lookahead_every": 0,
+    "tta_translate": 0,
+    "compile": False,
+}
+CNN_SWITCHES = GPU_SWITCHES | {"bn_scale": True}
+VIT_SWITCHES = GPU_SWITCHES | {
+    "drop_path": 0.0,
+    "shifted_patches": False,
+    "locality_attention": False,
+    "random_ops": 0,
+    "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0,
+}
+
+
+def test_cpu_recipes_keep_every_gpu_switch_off_and_the_gpu_recipes_turn_them_on() -> None:
+    assert {k: getattr(CNN_RECIPE, k) for k in CNN_SWITCHES} == CNN_SWITCHES
+    assert {k: getattr(VIT_RECIPE, k) for k in VIT_SWITCHES} == VIT_SWITCHES
+    assert {f.name: f.default for f in fields(Recipe) if f.name in GPU_SWITCHES} == GPU_SWITCHES
+    cnn_on = {k for k, v in CNN_SWITCHES.items() if getattr(CNN_RECIPE_GPU, k) != v}
+    assert cnn_on == set(CNN_SWITCHES) - {"no_decay"}
+    vit_on = {k for k, v in VIT_SWITCHES.items() if getattr(VIT_RECIPE_GPU, k) != v}
+    assert vit_on == set(VIT_SWITCHES) - {"vector_lr_scale", "lookahead_every", "tta_translate"}
+    assert CNN_RECIPE_GPU.widths == (64, 256, 256)
+
+
+def test_gpu_recipes_build_their_models() -> None:
+    cnn = make_cnn(CNN_RECIPE_GPU, torch.randn(64, 3, 32, 32))
+    assert [stage.convs[0].out_channels for stage in cnn.stages] == [64, 256, 256]
+    assert not any(bn.weight.requires_grad for stage in cnn.stages for bn in stage.norms)
+    with torch.device("meta"):
+        vit = make_vit(VIT_RECIPE_GPU)
+    assert isinstance(vit.patch_embed, ShiftedPatchEmbedding)
+    assert all(isinstance(b.attn, LocalitySelfAttention) for b in vit.blocks)
+    assert vit.blocks[-1].drop_path.p == VIT_RECIPE_GPU.drop_path and vit.blocks[0].drop_path.p == 0
+
+
+def test_maybe_compile_only_on_cuda() -> None:
+    model = FastCNN((8, 8, 8))
+    assert maybe_compile(model, True, torch.device("cpu")) is model
+    assert maybe_compile(model, False, torch.device("cuda")) is model
+    compiled = maybe_compile(model, True, torch.device("cuda"))  # lazy: nothing compiles until it is called
+    assert compiled is not model and compiled._orig_mod is model
+
+
+class Picked(Exception):
+    """Raised by a stand-in data function to report which recipe the trainer picked."""
+
+
+@pytest.mark.parametrize(
+    ("module", "train", "data", "gpu", "cpu"),
+    [
+        (cnn_recipes, train_cnn, "cnn_data", CNN_RECIPE_GPU, CNN_RECIPE),
+        (vit_recipes, train_vit, "vit_data", VIT_RECIPE_GPU, VIT_RECIPE),
+    ],
+)
+def test_trainers_pick_the_gpu_recipe_on_cuda_only(monkeypatch, module, train, data, gpu, cpu) -> None:
+    def stop(recipe, *args, **kwargs):
+        raise Picked(recipe)
+
+    monkeypatch.setattr(module, data, stop)
+    for device, want in (("cuda", gpu), ("cpu", cpu)):
+        monkeypatch.setattr(module, "best_device", lambda d=device: torch.device(d))
+        with pytest.raises(Picked) as picked:
+            train(quick=True, progress=False)
+        assert picked.value.args[0] == want.for_mode(True)
+
+
+def test_the_gpu_cnn_recipe_trains_end_to_end_on_the_cpu(fake_cifar: Path, capsys) -> None:
+    recipe = replace(CNN_RECIPE_GPU, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=8)
+    result = train_cnn(quick=True, epochs=2, root=fake_cifar, recipe=recipe, progress=False)
+    assert "with flip+1px-shift TTA" in capsys.readouterr().out
+    assert result.model is not None and not hasattr(result.model, "_orig_mod")  # not compiled on the CPU
+    assert len(result.history.test_acc) == 2 and 0 <= result.test_acc_tta <= 1
+    assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) for s in result.model.stages for bn in s.norms)
+
+
+def test_the_gpu_vit_recipe_trains_end_to_end_on_the_cpu(fake_cifar: Path) -> None:
+    recipe = replace(VIT_RECIPE_GPU, dim=16, depth=2, num_heads=2, quick_n_train=40, quick_n_test=20, batch_size=8)
+    recipe = recipe.for_mode(True)
+    train, _ = vit_data(recipe, root=fake_cifar)
+    assert isinstance(train, ErasingLoader) and isinstance(train.loader, AugmentLoader)
+    x, y = next(iter(train))
+    assert x.shape == (8, 3, 32, 32) and y.shape == (8, 10) and torch.allclose(y.sum(1), torch.ones(8))
+    result = train_vit(epochs=2, root=fake_cifar, recipe=recipe, progress=False, verbose=False)
+    assert result.n_train == 40 and len(result.history.train_loss) == 2
+    assert all(torch.isfinite(torch.tensor(result.history.train_loss)))

@@ -23,9 +23,10 @@ from companion.recipes.common import (
     weights_path,
     whitening_batch,
 )
+from companion.runtime import device as best_device
 from companion.runtime import seed_everything
 
-__all__ = ["CNN_RECIPE", "CNNRecipe", "cnn_data", "make_cnn", "train_cnn"]
+__all__ = ["CNN_RECIPE", "CNN_RECIPE_GPU", "CNNRecipe", "cnn_data", "make_cnn", "train_cnn"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class CNNRecipe(Recipe):
     widths: tuple[int, ...] = (32, 64, 128)
     depth_per_stage: int = 2
     batch_norm: bool = True
+    bn_scale: bool = True  # False: BatchNorm scales frozen at 1, only the shifts learn (airbench)
     whiten: bool = True  # initialise the 2x2 stem as a PCA whitening of image patches (then frozen)
     augment: bool = True  # random flips and 4-pixel translations
     batch_size: int = 512
@@ -50,13 +52,35 @@ class CNNRecipe(Recipe):
 
 
 CNN_RECIPE = CNNRecipe()
+# The GPU recipe: airbench's ingredients (Jordan, 2024) in this package's code. `train_cnn` picks it on CUDA.
+# Not measured yet (no GPU has been lent to the book's development): the settings are a starting point from the
+# issue's H200 run of widths 64/256/256 for 16 epochs (88.95%, 90.04% with flip-TTA, 8.1 s) plus the ingredients
+# below; the target is 94% (TTA allowed, mean of 3 seeds) in 10 s of training on one H100/H200.
+CNN_RECIPE_GPU = CNNRecipe(
+    widths=(64, 256, 256),  # wider stages: nearly free on a GPU
+    bn_scale=False,  # BatchNorm without a learned scale
+    vector_lr_scale=4.0,  # the BatchNorm shifts learn 4x faster than the kernels
+    batch_size=1024,
+    epochs=16,
+    lr=0.8,  # scaled with the batch size from the CPU recipe's 0.4 at 512
+    ema_decay=0.8,  # lookahead: every 5 steps the weights move into the average and restart from it
+    lookahead_every=5,
+    tta_translate=1,  # flip + 1-pixel shift test-time augmentation
+    compile=True,  # torch.compile on CUDA
+)
 
 
 def make_cnn(
     recipe: CNNRecipe = CNN_RECIPE, whiten_images: torch.Tensor | None = None, num_classes: int = 10
 ) -> FastCNN:
     """Build the recipe's FastCNN; with ``recipe.whiten``, set its stem from ``whiten_images`` (normalised)."""
-    model = FastCNN(recipe.widths, recipe.depth_per_stage, num_classes=num_classes, batch_norm=recipe.batch_norm)
+    model = FastCNN(
+        recipe.widths,
+        recipe.depth_per_stage,
+        num_classes=num_classes,
+        batch_norm=recipe.batch_norm,
+        bn_scale=recipe.bn_scale,
+    )
     if recipe.whiten:
         if whiten_images is None:
             raise ValueError("recipe.whiten=True needs whiten_images: a normalised batch of training images")
@@ -77,16 +101,19 @@ def train_cnn(
     root: str | os.PathLike | None = None,
     seed: int = 0,
     save: str | os.PathLike | None = None,
-    recipe: CNNRecipe = CNN_RECIPE,
+    recipe: CNNRecipe | None = None,
     progress: bool = True,
     verbose: bool = True,
 ) -> Result:
     """Train the recipe's FastCNN on CIFAR-10 and report test accuracy (plain and with flip-TTA) and time.
 
-    Runs ``recipe.for_mode(quick)``, with ``epochs`` in place of the recipe's if given; ``save`` writes the
-    weights to a ``.safetensors`` file (checked before training; if writing fails, a file in the working directory).
+    Without ``recipe``, :data:`CNN_RECIPE_GPU` on CUDA, else :data:`CNN_RECIPE`. Runs ``recipe.for_mode(quick)``,
+    with ``epochs`` in place of the recipe's if given; ``save`` writes the weights to a ``.safetensors`` file
+    (checked before training; if writing fails, a file in the working directory).
     """
     path = weights_path(save) if save is not None else None
+    if recipe is None:
+        recipe = CNN_RECIPE_GPU if best_device().type == "cuda" else CNN_RECIPE
     recipe = recipe.for_mode(quick)
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)

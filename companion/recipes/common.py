@@ -25,6 +25,7 @@ __all__ = [
     "Result",
     "cifar10_loaders",
     "fit_recipe",
+    "maybe_compile",
     "report",
     "save_trained",
     "weights_path",
@@ -51,6 +52,13 @@ class Recipe:
     warmup: float = 0.2  # fraction of all steps
     label_smoothing: float = 0.0
     grad_clip: float | None = None  # maximum gradient norm; None: no clipping
+    # The GPU recipes' optimiser and evaluation options (all off by default; see fit):
+    no_decay: tuple[str, ...] = ()  # parameters kept out of weight decay by name (e.g. the ViT's class token)
+    vector_lr_scale: float = 1.0  # learning-rate multiplier for biases and norm parameters
+    ema_decay: float | None = None  # None: no weight average; else evaluate and keep an EMA of the weights
+    lookahead_every: int = 0  # with ema_decay: average every k steps and restart the weights from the average
+    tta_translate: int = 0  # test-time augmentation also over copies shifted by this many pixels (0: flips only)
+    compile: bool = False  # torch.compile the model for training on CUDA (ignored elsewhere)
     augment: bool = True  # random flips and 4-pixel translations (DeviceLoader)
     n_train: int | None = None  # None: all 50,000 training images
     n_test: int | None = None  # None: all 10,000 test images
@@ -84,7 +92,7 @@ class Result:
 
     title: str  # what was trained, as the result line names it
     test_acc: float
-    test_acc_tta: float  # with flip test-time augmentation
+    test_acc_tta: float  # with test-time augmentation: flips (and shifts if recipe.tta_translate)
     train_seconds: float
     device: str
     threads: int  # torch's CPU threads
@@ -99,9 +107,10 @@ class Result:
     def line(self) -> str:
         """One line: what ran, in which mode, its accuracy, time and hardware."""
         mode = "quick" if self.recipe.quick else "full"
+        tta = "flip-TTA" if not self.recipe.tta_translate else f"flip+{self.recipe.tta_translate}px-shift TTA"
         return (
             f"{self.title} ({mode}, {self.epochs} epochs, {self.n_train:,} training images): "
-            f"test accuracy {self.test_acc:.4f}, with flip-TTA {self.test_acc_tta:.4f} | "
+            f"test accuracy {self.test_acc:.4f}, with {tta} {self.test_acc_tta:.4f} | "
             f"training {self.train_seconds:.1f} s | device {self.device} | torch threads {self.threads}"
             + (f" | {self.processes} processes" if self.processes > 1 else "")
         )
@@ -158,12 +167,15 @@ def fit_recipe(
     title: str,
     progress: bool = True,
 ) -> Result:
-    """Train ``model`` with the recipe's optimiser, schedule and epochs; evaluate it, also with flip-TTA.
+    """Train ``model`` with the recipe's optimiser, schedule and epochs; evaluate it, also with test-time augmentation.
 
     Under torchrun the learning rate is scaled by the recipe's ``lr_scaling`` rule for the global batch.
+    With ``recipe.compile`` a CUDA model trains through ``torch.compile`` (see :func:`maybe_compile`); the
+    returned ``Result.model`` is ``model`` itself, holding the trained weights.
     """
+    net = maybe_compile(model, recipe.compile, _device_of(model))
     history = fit(
-        model,
+        net,
         train,
         test,
         epochs=recipe.epochs,
@@ -176,8 +188,13 @@ def fit_recipe(
         grad_clip=recipe.grad_clip,
         progress=progress,
         sync_batch_norm=recipe.sync_batch_norm,
+        no_decay=recipe.no_decay,
+        vector_lr_scale=recipe.vector_lr_scale,
+        ema_decay=recipe.ema_decay,
+        lookahead_every=recipe.lookahead_every,
+        tta_translate=recipe.tta_translate,
     )
-    _, acc_tta = evaluate(model, test, tta_flip=True)
+    _, acc_tta = evaluate(net, test, tta_flip=True, tta_translate=recipe.tta_translate)
     return Result(
         title=title,
         test_acc=history.test_acc[-1],
@@ -193,6 +210,21 @@ def fit_recipe(
         history=history,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def maybe_compile(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
+    """``torch.compile(model)`` if ``enabled`` and ``device`` is CUDA, else ``model`` itself.
+
+    On CUDA compiling fuses the small kernels of normalisation and activation and pays back its compile time
+    (counted in the first epoch) within a run; on the CPU a short run spends longer compiling than it saves.
+    The compiled module shares ``model``'s parameters, so training it trains ``model``.
+    """
+    return torch.compile(model) if enabled and device.type == "cuda" else model
 
 
 def report(result: Result) -> None:
