@@ -137,14 +137,14 @@ def random_ops(
         choice = torch.randint(len(ops), (B,), generator=generator)
         m = torch.rand(B, generator=generator) if magnitude is None else torch.full((B,), float(magnitude))
         sign = torch.where(torch.rand(B, generator=generator) < 0.5, -1.0, 1.0)
+        drawn = set(choice.tolist())  # on the CPU: which ops to compute, with no wait for the GPU
         choice, m, sign = choice.to(x.device), m.to(x.device, x.dtype), sign.to(x.device, x.dtype)
         out = x
         for i, name in enumerate(ops):
-            pick = choice == i  # (B,)
-            if name == "identity" or not bool(pick.any()):
+            if name == "identity" or i not in drawn:
                 continue
             signed = m * sign if name in _SIGNED else m
-            out = torch.where(pick.view(B, 1, 1, 1), apply_op(x, name, signed), out)
+            out = torch.where((choice == i).view(B, 1, 1, 1), apply_op(x, name, signed), out)
         x = out
     return x
 
