@@ -176,14 +176,19 @@ def _load_in_a_race(root: Path, barrier, results) -> None:
 
 
 def test_concurrent_first_loads_decode_once(fake_cifar):
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a child forked from a process whose OpenMP threads have run can hang in its first torch op
+    ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(4), ctx.Queue()
     workers = [ctx.Process(target=_load_in_a_race, args=(fake_cifar, barrier, results)) for _ in range(4)]
     for w in workers:
         w.start()
-    for w in workers:
-        w.join(timeout=120)
-    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    try:
+        for w in workers:
+            w.join(timeout=120)
+        assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    finally:
+        for w in workers:
+            w.kill()
     got = [results.get(timeout=5) for _ in range(5)]
     assert got.count("decoded") == 1, "one process decodes while the others wait for it"
     images, labels = load_cifar10(train=False, root=fake_cifar)
@@ -407,13 +412,15 @@ def _decode_then_hang(root: Path, stage: str, ready) -> None:
 
 @pytest.mark.parametrize("stage", ["decode", "write"])
 def test_kill_during_the_first_decode_leaves_no_half_written_cache(fake_cifar, stage):
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # not fork: see test_concurrent_first_loads_decode_once
     ready = ctx.Event()
     worker = ctx.Process(target=_decode_then_hang, args=(fake_cifar, stage, ready))
     worker.start()
-    assert ready.wait(60)
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.join()
+    try:
+        assert ready.wait(120)
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join()
     assert not list(fake_cifar.glob("cifar10-test-uint8*.pt"))  # no cache that a later load could trust
     images, labels = load_cifar10(train=False, root=fake_cifar)  # the lock died with the process
     assert len(images) == 20 and torch.bincount(labels).tolist() == [2] * 10
