@@ -1,8 +1,9 @@
 """Approaches 1 and 2 of Chapter 6: image features classified against locked class-text embeddings.
 
 ``ImageTextClassifier`` projects the Chapter 3 CNN's features into the text space of a frozen sentence
-encoder and classifies by scaled cosine similarity to the class-prompt embeddings (CLIP / LiT with a
-locked text tower); swapping in the embeddings of other classes classifies without retraining (zero-shot).
+encoder and classifies by scaled cosine similarity to the class-prompt embeddings: DeViSE's setting (Frome et
+al., 2013: a fixed text side, the image side trained) with a CLIP-style cosine head (LiT is the reverse: it locks
+the image tower). Swapping in the embeddings of other classes classifies without retraining (zero-shot).
 """
 
 from __future__ import annotations
