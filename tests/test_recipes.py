@@ -37,6 +37,8 @@ def test_for_mode_puts_the_quick_sizes_in_place(recipe: Recipe, quick_sizes: tup
     others = {k: v for k, v in vars(quick).items() if k not in ("n_train", "n_test", "epochs", "batch_size", "quick")}
     assert others == {k: v for k, v in vars(recipe).items() if k in others}  # nothing else changes
     assert (recipe.n_train, recipe.n_test) == (None, None)  # full mode: all images
+    assert recipe.for_mode(True, epochs=1) == replace(quick, epochs=1)  # an epochs override applies in either mode
+    assert recipe.for_mode(False, epochs=1) == replace(recipe, epochs=1)
 
 
 def test_train_result_and_its_record(fake_cifar, capsys) -> None:

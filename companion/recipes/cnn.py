@@ -7,7 +7,7 @@ function, so the book's numbers and the command line come from one code path.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -114,9 +114,7 @@ def train_cnn(
     path = weights_path(save) if save is not None else None
     if recipe is None:
         recipe = CNN_RECIPE_GPU if best_device().type == "cuda" else CNN_RECIPE
-    recipe = recipe.for_mode(quick)
-    if epochs is not None:
-        recipe = replace(recipe, epochs=epochs)
+    recipe = recipe.for_mode(quick, epochs)
     seed_everything(seed)
     train, test = cnn_data(recipe, root=root, seed=seed)
     model = make_cnn(recipe, whitening_batch(train)).to(train.device)

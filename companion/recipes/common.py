@@ -72,18 +72,20 @@ class Recipe:
     lr_scaling: str = "linear"
     sync_batch_norm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
 
-    def for_mode(self: R, quick: bool) -> R:
-        """This recipe in quick mode (its quick sizes as n_train, n_test, epochs, batch_size), or unchanged."""
-        if not quick or self.quick:
-            return self
-        return replace(
-            self,
-            n_train=self.quick_n_train,
-            n_test=self.quick_n_test,
-            epochs=self.quick_epochs,
-            batch_size=self.quick_batch_size or self.batch_size,
-            quick=True,
-        )
+    def for_mode(self: R, quick: bool, epochs: int | None = None) -> R:
+        """This recipe in quick mode (its quick sizes as n_train, n_test, epochs, batch_size) or unchanged,
+        with ``epochs`` in place of its own if given."""
+        recipe = self
+        if quick and not self.quick:
+            recipe = replace(
+                self,
+                n_train=self.quick_n_train,
+                n_test=self.quick_n_test,
+                epochs=self.quick_epochs,
+                batch_size=self.quick_batch_size or self.batch_size,
+                quick=True,
+            )
+        return recipe if epochs is None else replace(recipe, epochs=epochs)
 
 
 @dataclass(frozen=True, eq=False)

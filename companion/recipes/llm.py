@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -105,9 +105,7 @@ def _train(
     progress: bool,
 ) -> LLMResult:
     """Train the recipe's CNN with a ``'text'`` (cosine over class embeddings) or ``'linear'`` head."""
-    recipe = recipe.for_mode(quick)
-    if epochs is not None:
-        recipe = replace(recipe, epochs=epochs)
+    recipe = recipe.for_mode(quick, epochs)
     seed_everything(seed)
     train, test, seen = llm_data(recipe, root=root, seed=seed, classes=classes)
     whiten = whitening_batch(train)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -217,9 +217,7 @@ def train_vit(
     path = weights_path(save) if save is not None else None
     if recipe is None:
         recipe = VIT_RECIPE_GPU if best_device().type == "cuda" else VIT_RECIPE
-    recipe = recipe.for_mode(quick)
-    if epochs is not None:
-        recipe = replace(recipe, epochs=epochs)
+    recipe = recipe.for_mode(quick, epochs)
     seed_everything(seed)
     train, test = vit_data(recipe, root=root, seed=seed)
     model = make_vit(recipe).to(best_device())  # where DeviceLoader puts the data
