@@ -16,7 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_records", "record_name", "records_dir", "write_record"]
+import torch
+
+from companion.runtime import quick
+
+__all__ = ["read_records", "record_fit", "record_name", "records_dir", "write_record"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -69,3 +73,32 @@ def read_records() -> list[dict[str, Any]]:
             msg = f"result record {path} is not valid JSON ({err}): delete it and rerun its chapter"
             raise ValueError(msg) from err
     return records
+
+
+def record_fit(model: str, history: Any, n_train: int, settings: dict[str, Any], test_acc: float | None = None) -> Path:
+    """Write the record of a chapter's own ``fit`` run (one without a recipe) for the Results page.
+
+    ``history`` is what ``fit`` returned; ``test_acc`` defaults to its last test accuracy (give it when the model was
+    evaluated after ``fit`` instead). The record has the fields of a recipe's record, with no TTA accuracy.
+    """
+    if test_acc is None:
+        if not history.test_acc:
+            raise ValueError("this fit run has no test accuracy: pass test_acc=, the accuracy of the trained model")
+        test_acc = history.test_acc[-1]
+    record = {
+        "model": model,
+        "recipe": "fit",
+        "mode": "quick" if quick() else "full",
+        "settings": settings,
+        "test_acc": float(test_acc),
+        "test_acc_tta": None,
+        "train_seconds": history.total_seconds,
+        "epochs": len(history.seconds),
+        "n_train": n_train,
+        "device": history.device,
+        "threads": torch.get_num_threads(),
+        "processes": 1,
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return write_record(record, record_name(record))

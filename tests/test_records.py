@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from companion.recipes.cnn import CNN_RECIPE, train_cnn
-from companion.records import read_records, record_name, records_dir, write_record
+from companion.records import read_records, record_fit, record_name, records_dir, write_record
+from companion.train import History
 
 
 @pytest.fixture
@@ -109,3 +110,24 @@ def test_an_unwritable_records_folder_keeps_the_run(
     with pytest.warns(UserWarning, match="could not write the result record"):
         result = train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False)
     assert 0 <= result.test_acc <= 1 and result.model is not None
+
+
+def test_record_fit_writes_a_results_page_row(records: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPANION_QUICK", "1")
+    history = History(test_acc=[0.31, 0.42], seconds=[1.5, 2.0], device="cpu")
+    path = record_fit("TinyCNN (Chapter 1)", history, n_train=2_000, settings={"lr": 0.05, "batch_size": 128})
+    (back,) = read_records()
+    assert path.name == back["name"] + ".json"
+    assert (back["model"], back["mode"], back["test_acc"], back["epochs"]) == ("TinyCNN (Chapter 1)", "quick", 0.42, 2)
+    assert back["train_seconds"] == 3.5 and back["n_train"] == 2_000 and back["test_acc_tta"] is None
+    record_fit("TinyCNN (Chapter 1)", history, n_train=2_000, settings={"lr": 0.05, "batch_size": 128}, test_acc=0.5)
+    assert [r["test_acc"] for r in read_records()] == [0.5]  # a rerun replaces its row
+    monkeypatch.setenv("COMPANION_QUICK", "0")
+    record_fit("TinyCNN (Chapter 1)", history, n_train=50_000, settings={"lr": 0.05, "batch_size": 128})
+    assert sorted(r["mode"] for r in read_records()) == ["full", "quick"]  # the two modes are two rows
+
+
+def test_record_fit_without_test_accuracy_says_what_to_pass(records: Path) -> None:
+    with pytest.raises(ValueError, match="test_acc="):
+        record_fit("AttentionCNN", History(seconds=[1.0], device="cpu"), n_train=10, settings={})
+    assert not records.exists() or not list(records.iterdir())
