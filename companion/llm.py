@@ -209,23 +209,28 @@ def clip_zero_shot(
     templates: Sequence[str] = TEMPLATES,
     batch_size: int = 100,
 ) -> Tensor:
-    """Zero-shot labels from a Hugging Face CLIP model and its processor: uint8 (N, 3, H, W) images -> (N,) "
-    "class indices."""
+    """Zero-shot labels from a Hugging Face CLIP model (on any device) and its processor: uint8 (N, 3, H, W) -> (N,)."""
     check_images(images, "clip_zero_shot", 3)
     if images.dtype != torch.uint8:
         raise ValueError(
             f"images must be uint8 of shape (N, 3, H, W), as load_cifar10 returns them; got {images.dtype}"
         )
 
+    model_device = next(model.parameters()).device
+
+    def on_model(inputs) -> dict[str, Tensor]:  # the processor works on the CPU; the model may sit on a GPU
+        return {name: value.to(model_device) for name, value in inputs.items()}
+
     def features(out) -> Tensor:  # transformers < 5 returns the projected features, 5.x an output holding them
         return out if isinstance(out, Tensor) else out.pooler_output
 
     prompts = [t.format(c) for c in classes for t in templates]
-    text = features(model.get_text_features(**processor(text=prompts, return_tensors="pt", padding=True)))
+    text = features(model.get_text_features(**on_model(processor(text=prompts, return_tensors="pt", padding=True))))
     text = ensemble(text.float().view(len(classes), len(templates), -1))  # (C, D), as class_embeddings does
     preds = []
     for i in range(0, len(images), batch_size):
-        batch = processor(images=list(images[i : i + batch_size].permute(0, 2, 3, 1).numpy()), return_tensors="pt")
+        pixels = list(images[i : i + batch_size].cpu().permute(0, 2, 3, 1).numpy())  # (H, W, 3) arrays
+        batch = on_model(processor(images=pixels, return_tensors="pt"))
         image = F.normalize(features(model.get_image_features(**batch)).float(), dim=-1)  # (B, D)
-        preds.append((image @ text.T).argmax(1))
-    return torch.cat(preds)
+        preds.append((image @ text.T).argmax(1).cpu())
+    return torch.cat(preds)  # on the CPU, like the labels load_cifar10 returns

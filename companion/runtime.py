@@ -39,4 +39,5 @@ def mode_line() -> str:
         mode = "quick mode (COMPANION_QUICK=1), small subsets and few epochs"
     else:
         mode = "full mode, the whole data set and the full training budgets"
-    return f"This run: {mode} | device {device()} | torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    threads = f"{torch.get_num_threads()} CPU thread{'' if torch.get_num_threads() == 1 else 's'}"
+    return f"This run: {mode} | device {device()} | torch {torch.__version__}, {threads}"

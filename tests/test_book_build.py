@@ -80,3 +80,7 @@ def test_empty_table_header_row_dropped() -> None:
     assert len(tables) == 2
     assert [len(list(t.findall(lambda n: n.tagname == "thead"))) for t in tables] == [0, 1]
     assert "a" in tables[0].astext() and "h" in tables[1].astext()
+
+
+def test_mode_line_counts_the_threads_in_words(one_thread: None) -> None:
+    assert companion.mode_line().endswith(", 1 CPU thread")  # not "1 CPU threads"

@@ -212,6 +212,20 @@ def test_caption_decoder_trains_on_cuda() -> None:
     assert tokens.device.type == CUDA.type and tokens.shape[0] == 3
 
 
+def test_clip_zero_shot_with_a_cuda_model_matches_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_llm import _tiny_clip
+
+    from companion.llm import TEMPLATES, clip_zero_shot
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full float32 on both devices: the same argmax
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model, processor = _tiny_clip(tmp_path)
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    on_cpu = clip_zero_shot(model, processor, images, ["cat", "dog", "ship"], TEMPLATES[:2], batch_size=3)
+    on_cuda = clip_zero_shot(model.to(CUDA), processor, images.to(CUDA), ["cat", "dog", "ship"], TEMPLATES[:2])
+    assert on_cuda.device.type == "cpu" and torch.equal(on_cuda, on_cpu)
+
+
 class StubTextEncoder:
     """Fixed random unit vectors per prompt: the device path of the image-text model is under test, not the text."""
 

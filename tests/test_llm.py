@@ -354,3 +354,33 @@ def test_clip_zero_shot_runs_a_hugging_face_clip(tmp_path) -> None:
     assert torch.equal(pred, (out.image_embeds @ text.T).argmax(1))
     with pytest.raises(ValueError, match="uint8 of shape"):
         clip_zero_shot(model, processor, images.float(), ["cat"], TEMPLATES[:1])
+
+
+class _DeviceSpy(torch.nn.Module):
+    """A stand-in CLIP whose weights live on the meta device: records where its inputs are, answers on the CPU."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(dim, device="meta"))
+        self.dim, self.seen = dim, set()
+
+    def _answer(self, inputs: dict) -> torch.Tensor:
+        self.seen |= {value.device.type for value in inputs.values()}
+        return torch.randn(len(next(iter(inputs.values()))), self.dim)
+
+    def get_text_features(self, **inputs) -> torch.Tensor:
+        return self._answer(inputs)
+
+    def get_image_features(self, **inputs) -> torch.Tensor:
+        return self._answer(inputs)
+
+
+def test_clip_zero_shot_sends_the_processor_outputs_to_the_model_device(tmp_path) -> None:
+    from companion.llm import clip_zero_shot
+
+    _, processor = _tiny_clip(tmp_path)
+    spy = _DeviceSpy()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    pred = clip_zero_shot(spy, processor, images, ["cat", "dog"], TEMPLATES[:2], batch_size=2)
+    assert spy.seen == {"meta"}  # every input of the model was moved to its device (a GPU in real use)
+    assert pred.shape == (5,) and pred.device.type == "cpu"

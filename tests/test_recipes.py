@@ -15,8 +15,8 @@ from companion.recipes import common
 from companion.recipes import llm as llm_recipe
 from companion.recipes.cnn import CNN_RECIPE, make_cnn, train_cnn
 from companion.recipes.common import Recipe, whitening_batch
-from companion.recipes.llm import LLM_RECIPE
-from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU
+from companion.recipes.llm import LLM_RECIPE, train_llm
+from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU, train_vit
 
 
 @pytest.mark.parametrize(
@@ -85,6 +85,15 @@ def test_epochs_must_be_a_positive_integer(no_data, capsys, epochs: str) -> None
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "cnn", "--quick", "--epochs", epochs])
     assert exit_info.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("epochs", [0, -3, 2.5])
+def test_python_callers_get_the_epochs_check_before_any_data_loads(no_data, epochs) -> None:
+    for train in (train_cnn, train_vit, train_llm):
+        with pytest.raises(ValueError, match="epochs must be a positive whole number"):
+            train(quick=True, epochs=epochs)
+    with pytest.raises(ValueError, match="epochs must be a positive whole number"):
+        replace(CNN_RECIPE, epochs=0).for_mode(False)  # a recipe built with bad epochs is refused too
 
 
 def test_save_adds_the_suffix(fake_cifar, tmp_path, capsys) -> None:

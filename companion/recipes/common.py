@@ -85,7 +85,10 @@ class Recipe:
                 batch_size=self.quick_batch_size or self.batch_size,
                 quick=True,
             )
-        return recipe if epochs is None else replace(recipe, epochs=epochs)
+        recipe = recipe if epochs is None else replace(recipe, epochs=epochs)
+        if isinstance(recipe.epochs, bool) or not isinstance(recipe.epochs, int) or recipe.epochs < 1:
+            raise ValueError(f"epochs must be a positive whole number, got {recipe.epochs!r}")
+        return recipe
 
 
 @dataclass(frozen=True, eq=False)

@@ -62,7 +62,7 @@ class VitRecipe(Recipe):
     cutmix_alpha: float = 0.0  # cutmix's Beta(alpha, alpha) (0: off)
     mix_prob: float = 1.0  # fraction of batches mixed (mixup or cutmix, even odds when both are on)
     batch_size: int = 128
-    epochs: int = 4  # sized so that Chapter 5 (this run and a CNN for comparison) fits 10 minutes on a 2-core CPU
+    epochs: int = 3  # sized so that Chapter 5 (this run and a CNN for comparison) fits 10 minutes on a 2-core CPU
     optimizer: str = "adamw"
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -78,7 +78,7 @@ class VitRecipe(Recipe):
 # A small ViT for a 2-core CPU. Measured on an idle 2-core AMD EPYC machine, 2 torch threads, 2026-11-25:
 # `python -m companion train vit --epochs 7` trained in 530 s to 60.2% test accuracy (61.2% with flip-TTA); with
 # flips and translations on, the same run reached 58.7%: in a few epochs the model underfits, and augmentation only
-# slows it. Chapter 5's opening table has the measured run of the 4-epoch default.
+# slows it. Chapter 5's opening table has the measured run of the 3-epoch default.
 VIT_RECIPE = VitRecipe()
 # The GPU recipe. Not measured yet with these ingredients (no GPU has been lent to the book's development). On an
 # H200 the plain recipe (dim 256, depth 6, flips, translations, erasing) reached 77.7% in 100 epochs (356 s) and
