@@ -17,9 +17,8 @@ from companion.recipes.common import (
     Recipe,
     Result,
     cifar10_loaders,
+    finish_run,
     fit_recipe,
-    report,
-    save_trained,
     weights_path,
     whitening_batch,
 )
@@ -124,8 +123,4 @@ def train_cnn(
     train, test = cnn_data(recipe, root=root, seed=seed)
     model = make_cnn(recipe, whitening_batch(train)).to(train.device)
     result = fit_recipe(model, train, test, recipe, len(train.labels), f"FastCNN{recipe.widths}", progress)
-    if verbose:
-        report(result)
-    if path is not None:
-        save_trained(model, path)
-    return result
+    return finish_run(result, path, verbose)

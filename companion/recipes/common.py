@@ -24,6 +24,7 @@ __all__ = [
     "Recipe",
     "Result",
     "cifar10_loaders",
+    "finish_run",
     "fit_recipe",
     "maybe_compile",
     "report",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 R = TypeVar("R", bound="Recipe")
+RunResult = TypeVar("RunResult", bound="Result")
 
 
 @dataclass(frozen=True)
@@ -287,3 +289,12 @@ def save_trained(model: nn.Module, path: Path) -> Path:
         return fallback
     print(f"weights saved to {path}")
     return path
+
+
+def finish_run(result: RunResult, save_to: Path | None, verbose: bool) -> RunResult:
+    """How every recipe run ends: its line and record if ``verbose``, then its weights if ``save_to`` is a path."""
+    if verbose:
+        report(result)
+    if save_to is not None:
+        save_trained(result.model, save_to)
+    return result

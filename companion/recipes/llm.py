@@ -19,7 +19,7 @@ from companion.llm import TEMPLATES, TextEncoder, class_embeddings
 from companion.models import ImageTextClassifier
 from companion.models.common import count_parameters
 from companion.recipes.cnn import CNNRecipe, make_cnn
-from companion.recipes.common import Result, fit_recipe, report, save_trained, weights_path, whitening_batch
+from companion.recipes.common import Result, finish_run, fit_recipe, weights_path, whitening_batch
 from companion.runtime import seed_everything
 
 __all__ = ["LLM_RECIPE", "LLMRecipe", "LLMResult", "llm_data", "train_linear_baseline", "train_llm"]
@@ -154,11 +154,7 @@ def train_llm(
     """
     path = weights_path(save) if save is not None else None
     result = _train("text", quick, epochs, root, seed, recipe, encoder, classes, progress)
-    if verbose:
-        report(result)
-    if path is not None:
-        save_trained(result.model, path)
-    return result
+    return finish_run(result, path, verbose)
 
 
 def train_linear_baseline(
@@ -173,6 +169,4 @@ def train_linear_baseline(
 ) -> LLMResult:
     """The same CNN, data, seed and budget as :func:`train_llm`, with FastCNN's ordinary linear head."""
     result = _train("linear", quick, epochs, root, seed, recipe, None, classes, progress)
-    if verbose:
-        report(result)
-    return result
+    return finish_run(result, None, verbose)

@@ -28,9 +28,8 @@ from companion.recipes.common import (
     Recipe,
     Result,
     cifar10_loaders,
+    finish_run,
     fit_recipe,
-    report,
-    save_trained,
     weights_path,
 )
 from companion.runtime import device as best_device
@@ -229,8 +228,4 @@ def train_vit(
         f"patch {recipe.patch_size})"
     )
     result = fit_recipe(model, train, test, recipe, n_train, title, progress)
-    if verbose:
-        report(result)
-    if path is not None:
-        save_trained(model, path)
-    return result
+    return finish_run(result, path, verbose)
