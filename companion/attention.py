@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from companion.checks import check_divides
+from companion.validation import validate_divides
 
 __all__ = [
     "LearnedPositionEmbedding",
@@ -172,7 +172,7 @@ class MultiHeadAttention(nn.Module):
         vdim: int | None = None,
     ) -> None:
         super().__init__()
-        check_divides(dim, num_heads, "dim", "num_heads", "each head gets dim // num_heads channels")
+        validate_divides(dim, num_heads, "dim", "num_heads", "each head gets dim // num_heads channels")
         _check_dropout(dropout, "dropout")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.kdim, self.vdim = kdim or dim, vdim or dim

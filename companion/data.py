@@ -49,6 +49,7 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "DataNotFoundError",
+    "CaptionBatches",
     "DeviceLoader",
     "ORDER_SEED",
     "data_root",
@@ -582,6 +583,19 @@ class DeviceLoader:
                 x = self._augment(x, augment_generator)
             yield (x - self.mean) / self.std, self.labels[idx]
 
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """The random state of the next epoch (order and augmentation), for a checkpoint."""
+        rank_state = None if self._rank_generator is None else self._rank_generator.get_state()
+        return {"generator": self.generator.get_state(), "rank_generator": rank_state}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Continue from a ``state_dict``: the next epoch draws the same order and augmentation as then."""
+        self.generator.set_state(state["generator"])
+        if state["rank_generator"] is not None:
+            rank = distributed.rank()
+            self._rank_generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank + 1)
+            self._rank_generator.set_state(state["rank_generator"])
+
     def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         B, _, H, W = x.shape
         flip = (torch.rand(B, generator=generator) < 0.5).to(self.device)
@@ -597,3 +611,44 @@ class DeviceLoader:
             chan = torch.arange(x.shape[1], device=self.device).view(1, -1, 1, 1)
             x = padded[batch, chan, rows, cols]  # (B, C, H, W): each image cropped at its own offset
         return x
+
+
+class CaptionBatches:
+    """Teacher-forcing batches ``((feature maps, input tokens), next tokens)``, a random caption of its class each.
+
+    ``feature_maps`` (N, C, h, w) and ``labels`` (N,) are the images' CNN features and classes, ``captions``
+    (classes, templates, L) the token ids of every caption of every class; batches come out on ``device``.
+    """
+
+    def __init__(
+        self,
+        feature_maps: torch.Tensor,
+        labels: torch.Tensor,
+        captions: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.feature_maps, self.labels, self.captions = feature_maps, labels, captions
+        self.batch_size, self.device = batch_size, device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The random state of the next epoch, for a checkpoint."""
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a ``state_dict``."""
+        self.gen.set_state(state["generator"])
+
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        order = torch.randperm(len(self.labels), generator=self.gen)
+        for start in range(0, len(self.labels), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            template = torch.randint(0, self.captions.shape[1], (len(idx),), generator=self.gen)
+            rows = self.labels[idx].to(self.captions.device), template.to(self.captions.device)  # index where they live
+            seq = self.captions[rows].to(self.device)  # (B, L): <bos> words <eos> <pad>...
+            yield (self.feature_maps[idx].to(self.device), seq[:, :-1]), seq[:, 1:]  # predict each next token

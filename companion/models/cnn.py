@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion.checks import check_images
+from companion.validation import validate_images
 
 __all__ = ["ConvGroup", "FastCNN", "SimpleCNN", "patch_whitening"]
 
@@ -30,7 +30,7 @@ class SimpleCNN(nn.Module):
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(x, "SimpleCNN", 3, 32)  # the 400 inputs of fc1 are 16 maps of 5x5: only 32x32 fits
+        validate_images(x, "SimpleCNN", 3, 32)  # the 400 inputs of fc1 are 16 maps of 5x5: only 32x32 fits
         x = self.pool(F.relu(self.conv1(x)))  # (B, 6, 14, 14)
         x = self.pool(F.relu(self.conv2(x)))  # (B, 16, 5, 5)
         x = x.flatten(1)  # (B, 400)
@@ -109,7 +109,7 @@ class FastCNN(nn.Module):
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images, checked -> (B, stem_width, H-1, W-1) activations of the stem."""
-        check_images(x, type(self).__name__, 3, min_size=self.min_size)
+        validate_images(x, type(self).__name__, 3, min_size=self.min_size)
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: several times faster convolutions on CPU
         return F.gelu(self.stem(x))  # (B, stem_width, 31, 31)
 

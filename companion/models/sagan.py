@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from companion.attention import scaled_dot_product_attention
-from companion.checks import check_images
 from companion.models.cnn import FastCNN
+from companion.validation import validate_images
 
 __all__ = ["AttentionCNN", "SelfAttention2d"]
 
@@ -45,7 +45,7 @@ class SelfAttention2d(nn.Module):
         Row ``i`` of the map holds the weights with which position ``i`` (row-major, ``i = h * W + w``)
         averages all positions; each row sums to 1.
         """
-        check_images(x, "SelfAttention2d", self.channels)
+        validate_images(x, "SelfAttention2d", self.channels)
         B, C, H, W = x.shape
         q = self.query(x).flatten(2).transpose(1, 2)  # (B, HW, C/r): one query per position
         k = self.key(x).flatten(2).transpose(1, 2)  # (B, HW, C/r)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion.attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_position_encoding_2d
-from companion.checks import check_divides, check_images
+from companion.validation import validate_divides, validate_images
 
 __all__ = [
     "DropPath",
@@ -44,7 +44,7 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, dim: int = 192) -> None:
         super().__init__()
-        check_divides(image_size, patch_size, "image_size", "patch_size", "the patches must tile the image exactly")
+        validate_divides(image_size, patch_size, "image_size", "patch_size", "the patches must tile the image exactly")
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size**2
@@ -54,7 +54,7 @@ class PatchEmbedding(nn.Module):
         """(B, C, H, W) images -> (B, N, C * p * p) flattened patches, in row-major patch order."""
         s = self.image_size
         hint = f"; resize or crop the images to {s}x{s}, or build a model for square images of another side"
-        check_images(x, "this model", self.in_channels, s, hint=hint)
+        validate_images(x, "this model", self.in_channels, s, hint=hint)
         B, C, _, _ = x.shape
         p, g = self.patch_size, self.grid_size
         x = x.reshape(B, C, g, p, g, p)  # (B, C, row, i, col, j)
@@ -96,7 +96,7 @@ class ShiftedPatchEmbedding(nn.Module):
         """(B, C, H, W) -> (B, 5C, H, W): the image, then its copies moved up-left, up-right, down-left, down-right."""
         s = self.image_size
         hint = f"; resize or crop the images to {s}x{s}, or build a model for square images of another side"
-        check_images(x, "this model", self.in_channels, s, hint=hint)
+        validate_images(x, "this model", self.in_channels, s, hint=hint)
         s, H, W = self.shift_by, x.shape[2], x.shape[3]
         padded = F.pad(x, (s, s, s, s))  # (B, C, H + 2s, W + 2s)
         moves = ((s, s), (s, -s), (-s, s), (-s, -s))  # crop offsets: the content moves up-left, up-right, ...
@@ -205,8 +205,8 @@ class EncoderBlock(nn.Module):
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer) -> EncoderBlock:
-        """An EncoderBlock holding a copy of the weights of a pre-norm, GELU, batch-first "
-        "``nn.TransformerEncoderLayer``."""
+        """An EncoderBlock holding a copy of the weights of a pre-norm, GELU, batch-first
+        ``nn.TransformerEncoderLayer``."""
         problems = []
         if not layer.norm_first:
             problems.append("norm_first=True (ours is pre-norm)")
@@ -292,9 +292,13 @@ class ViT(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """The parameters that should get no weight decay (timm's convention): the class token, learned positions."""
+        return {name for name in ("cls_token", "pos_embedding") if isinstance(getattr(self, name), nn.Parameter)}
+
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """(B, C, H, W) images -> (B, num_classes) logits, and with ``return_attention`` a list of (B, "
-        "heads, T, T) per block."""
+        """(B, C, H, W) images -> (B, num_classes) logits, and with ``return_attention`` a list of (B,
+        heads, T, T) per block."""
         x = self.patch_embed(x)  # (B, N, dim)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, T = 1 + N, dim)

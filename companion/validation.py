@@ -1,13 +1,13 @@
-"""Input checks shared across the package, so that every model says the same clear thing about a wrong input."""
+"""Input validation shared across the package, so that every model says the same clear thing about a wrong input."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_divides", "check_images"]
+__all__ = ["validate_divides", "validate_images"]
 
 
-def check_divides(total: int, part: int, total_name: str, part_name: str, why: str) -> None:
+def validate_divides(total: int, part: int, total_name: str, part_name: str, why: str) -> None:
     """Raise a clear ValueError unless ``part`` is a positive divisor of ``total``, listing the divisors to choose."""
     if part < 1 or total % part != 0:
         divisors = [d for d in range(1, total + 1) if total % d == 0]
@@ -16,7 +16,7 @@ def check_divides(total: int, part: int, total_name: str, part_name: str, why: s
         )
 
 
-def check_images(
+def validate_images(
     x: torch.Tensor,
     name: str,
     channels: int | None = None,
