@@ -39,6 +39,7 @@ def user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     monkeypatch.delenv("COMPANION_DATA", raising=False)
     monkeypatch.setenv("COMPANION_DOWNLOAD", "0")
+    monkeypatch.setenv("COMPANION_ALLOW_PARTIAL", "1")  # the fake copies are small; tests of completeness unset it
 
 
 def tiny_cnn() -> nn.Module:
@@ -437,3 +438,100 @@ def test_fully_masked_rows_give_zeros_without_nan(fused):
     assert torch.equal(out[:, :, 2], torch.zeros(2, 3, 8)) and torch.isfinite(out).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# --- issue 24: every flag and option accepts a documented set of values, or says what is allowed ------------
+
+
+@pytest.mark.parametrize("name", ["COMPANION_QUICK", "COMPANION_DOWNLOAD"])
+def test_yes_no_flags_accept_the_documented_values_and_refuse_the_rest(tmp_path, monkeypatch, name):
+    from companion.runtime import env_flag
+
+    for value, want in [("1", True), ("TRUE", True), (" yes ", True), ("On", True)]:
+        monkeypatch.setenv(name, value)
+        assert env_flag(name) is want
+    for value in ("0", "false", "No", "OFF"):
+        monkeypatch.setenv(name, value)
+        assert env_flag(name, default=True) is False
+    monkeypatch.setenv(name, "")
+    assert env_flag(name, default=True) is True and env_flag(name, default=False) is False
+    monkeypatch.delenv(name)
+    assert env_flag(name, default=True) is True
+    for bad in ("2", "y", "garbage", "-1"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=rf"^{name}='{bad}' is not a yes/no value: use 1, true, yes, on for yes"):
+            env_flag(name)
+        with pytest.raises(ValueError, match=rf"{name}='{bad}'"):  # the code that reads it refuses it too
+            companion.quick() if name == "COMPANION_QUICK" else load_cifar10(root=tmp_path)
+
+
+def test_a_partial_copy_is_refused_unless_asked_for_and_never_cached_as_cifar10(fake_cifar, monkeypatch, capsys):
+    monkeypatch.delenv("COMPANION_ALLOW_PARTIAL")
+    with pytest.raises(ValueError) as refused:
+        load_cifar10(train=True, root=fake_cifar)
+    assert str(refused.value) == (
+        f"{fake_cifar} is not the complete CIFAR-10 train split: it holds 40 images, 4 of every class, where "
+        "CIFAR-10 has 50,000 (5,000 of every class); point the loader at a complete copy, or pass "
+        "allow_partial=True (or set COMPANION_ALLOW_PARTIAL=1) to use this one as it is"
+    )
+    assert not list(fake_cifar.glob("cifar10-*.pt")), "refused, so not cached"
+    images, _ = load_cifar10(train=True, root=fake_cifar, allow_partial=True, subset=20)
+    assert len(images) == 20
+    assert "CIFAR-10 train split: a partial copy of 40 images, 4 of every class, used" in capsys.readouterr().err
+    (cache,) = fake_cifar.glob("cifar10-train-*.pt")
+    with pytest.raises(ValueError, match=rf"^the decoded cache {cache} \(decoded from the folder .*\) is not the comp"):
+        load_cifar10(train=True, root=fake_cifar)  # the partial copy's cache does not pass for CIFAR-10 either
+    monkeypatch.setenv("COMPANION_ALLOW_PARTIAL", "yes")
+    assert len(load_cifar10(train=True, root=fake_cifar)[0]) == 40
+    monkeypatch.setenv("COMPANION_ALLOW_PARTIAL", "sure")
+    with pytest.raises(ValueError, match="COMPANION_ALLOW_PARTIAL='sure' is not a yes/no value"):
+        load_cifar10(train=True, root=fake_cifar)
+
+
+def test_uneven_classes_are_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMPANION_ALLOW_PARTIAL")
+    write_batches(tmp_path / "cifar-10-batches-py", 10)  # 10 images a batch, one of each class
+    with pytest.raises(
+        ValueError, match=r"test split: it holds 10 images, 1 of every class, where CIFAR-10 has 10,000"
+    ):
+        load_cifar10(train=False, root=tmp_path)
+    monkeypatch.setattr(data, "_PER_CLASS", {"train": 5, "test": 1})  # a complete copy at this small scale
+    assert len(load_cifar10(train=False, root=tmp_path)[0]) == 10
+    assert len(load_cifar10(train=True, root=tmp_path)[0]) == 50
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((10, 3072), np.uint8), "labels": [0, 0, 1, 2, 3, 4, 5, 6, 7, 8]}, f)
+    with (
+        pytest.warns(UserWarning, match="stale"),
+        pytest.raises(ValueError, match=r"10 images \(airplane 2, truck 0\), where CIFAR-10 has 10 \(1 "),
+    ):
+        load_cifar10(train=False, root=tmp_path)
+
+
+@pytest.mark.parametrize("allow_partial", [False, True])
+def test_a_complete_archive_is_preferred_to_a_partial_tree_beside_it(fake_cifar, tmp_path, monkeypatch, allow_partial):
+    monkeypatch.setattr(data, "_PER_CLASS", {"train": 4, "test": 2})  # fake_cifar is complete at this scale
+    root = tmp_path / "data"
+    archive = make_archive(fake_cifar, root / "cifar10-jpeg.tar.gz")
+    want, want_labels = load_cifar10(train=True, root=root)
+    (root / "cifar10-train-uint8-v2.pt").unlink()
+    archive.rename(tmp_path / "aside.tar.gz")
+    for cls in CIFAR10_CLASSES:  # a partial tree: one image of every class
+        (root / "cifar10-jpeg" / "train" / cls).mkdir(parents=True)
+        shutil.copy(fake_cifar / "train" / cls / "0.png", root / "cifar10-jpeg" / "train" / cls)
+    assert len(load_cifar10(train=True, root=root, allow_partial=True)[0]) == 10  # alone, and asked for: used
+    (tmp_path / "aside.tar.gz").rename(archive)  # the complete archive comes back beside the partial tree
+    with pytest.warns(UserWarning, match=r"decoded from the folder .*cifar10-jpeg, the archive .* is used now"):
+        images, labels = load_cifar10(train=True, root=root, allow_partial=allow_partial)
+    assert torch.equal(images, want) and torch.equal(labels, want_labels)
+
+
+def test_load_cifar10_refuses_arguments_it_cannot_mean(fake_cifar, monkeypatch):
+    for name, value in [("train", "test"), ("train", None), ("download", "no"), ("allow_partial", 1)]:
+        allowed = "True or False" if name == "train" else "True, False or None"
+        with pytest.raises(TypeError, match=rf"^{name} must be {allowed}, got {value!r}$"):
+            load_cifar10(**{"root": fake_cifar, name: value})
+    with pytest.raises(NotADirectoryError, match=r"the data root .*0.png is a file, not a folder"):
+        load_cifar10(root=fake_cifar / "train" / "cat" / "0.png")
+    monkeypatch.setenv("COMPANION_DOWNLOAD", "nope")  # refused although the data is at hand and no download is needed
+    with pytest.raises(ValueError, match="COMPANION_DOWNLOAD='nope' is not a yes/no value"):
+        load_cifar10(root=fake_cifar)
