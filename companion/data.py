@@ -34,7 +34,6 @@ import os
 import pickle
 import sys
 import tarfile
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -47,6 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from companion import distributed
+from companion.files import atomic_write
 from companion.runtime import device as best_device
 from companion.runtime import env_flag
 
@@ -223,7 +223,7 @@ def _cache_target(root: Path, split: str) -> Path | None:
 
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source: _Source) -> None:
-    """Write the cache atomically: a unique temporary file in the same folder, then ``os.replace``."""
+    """Write the cache atomically (``atomic_write``: a temporary file beside it, then renamed)."""
     blob = {
         "format": _FORMAT,
         "images": images.contiguous(),
@@ -232,15 +232,10 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source:
         "counts": torch.bincount(labels, minlength=10).tolist(),
         "source": source.identity(hashes=True),
     }
-    for stale in path.parent.glob(f".{path.stem}-*.tmp"):
-        stale.unlink(missing_ok=True)  # left by a process killed while writing (we hold the lock)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    for pattern in (f".{path.name}-*.tmp", f".{path.stem}-*.tmp"):  # the second: older versions' names
+        for stale in path.parent.glob(pattern):
+            stale.unlink(missing_ok=True)  # left by a process killed while writing (we hold the lock)
+    atomic_write(path, lambda f: torch.save(blob, f))  # mode from the umask: a shared data folder shares it
 
 
 def _batch_names(split: str) -> list[str]:

@@ -12,6 +12,7 @@ import pickle
 import shutil
 import signal
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -535,3 +536,69 @@ def test_load_cifar10_refuses_arguments_it_cannot_mean(fake_cifar, monkeypatch):
     monkeypatch.setenv("COMPANION_DOWNLOAD", "nope")  # refused although the data is at hand and no download is needed
     with pytest.raises(ValueError, match="COMPANION_DOWNLOAD='nope' is not a yes/no value"):
         load_cifar10(root=fake_cifar)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
+def test_the_decoded_cache_follows_the_umask(fake_cifar, tmp_path, umask):
+    root = tmp_path / "data"
+    make_archive(fake_cifar, root / "cifar10-jpeg.tar.gz")
+    before = set(root.iterdir())
+    old = os.umask(umask)
+    try:
+        load_cifar10(train=False, root=root)
+    finally:
+        os.umask(old)
+    written = set(root.iterdir()) - before
+    assert any(p.name == "cifar10-test-uint8-v2.pt" for p in written)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # was 0600: a class could not share one cache
+
+
+def test_atomic_write_follows_the_umask_keeps_the_old_file_on_failure_and_overwrites_only_if_asked(tmp_path):
+    from companion.files import atomic_write
+
+    target = tmp_path / "out.bin"
+    old = os.umask(0o027)
+    try:
+        assert atomic_write(target, lambda f: f.write(b"one")) == target
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"one" and target.stat().st_mode & 0o777 == 0o640
+
+    def fails(f):
+        f.write(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_write(target, fails)
+    assert target.read_bytes() == b"one" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    with pytest.raises(FileExistsError, match=rf"^{target} exists already and is not replaced"):
+        atomic_write(target, lambda f: f.write(b"two"), overwrite=False)
+    assert target.read_bytes() == b"one" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    atomic_write(target, lambda f: f.write(b"two"))
+    assert target.read_bytes() == b"two"
+
+
+def test_atomic_write_without_overwrite_lets_exactly_one_of_concurrent_writers_win(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from companion.files import atomic_write
+
+    target, barrier = tmp_path / "weights.safetensors", threading.Barrier(8)
+
+    def writer(i: int) -> str:
+        def write(f):
+            f.write(str(i).encode())
+            barrier.wait()  # every writer has its temporary file ready before any puts it in place
+
+        try:
+            atomic_write(target, write, overwrite=False)
+            return "won"
+        except FileExistsError:
+            return "refused"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(writer, range(8)))
+    assert sorted(outcomes) == ["refused"] * 7 + ["won"]
+    assert target.read_text() == str(outcomes.index("won"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
