@@ -27,6 +27,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *
     succeeds (the file is linked into place, which fails if the name exists). Returns ``path`` as a Path.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of a file to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist; create it first")
+    if not overwrite and path.exists():  # refused before any work; checked again, atomically, at the end
+        raise FileExistsError(f"{path} exists already and is not replaced; remove it or choose another name")
     while True:
         tmp = path.with_name(f".{path.name}-{secrets.token_hex(6)}.tmp")
         try:
@@ -46,7 +52,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *
                 _link_new(tmp, path)
             except FileExistsError:
                 raise FileExistsError(
-                    f"{path} exists already and is not replaced; remove it or choose another name"
+                    f"{path} was created by someone else while this was written, and is not replaced; remove it "
+                    "or choose another name"
                 ) from None
     finally:
         tmp.unlink(missing_ok=True)

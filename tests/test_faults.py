@@ -599,6 +599,55 @@ def test_atomic_write_without_overwrite_lets_exactly_one_of_concurrent_writers_w
 
     with ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(writer, range(8)))
-    assert sorted(outcomes) == ["refused"] * 7 + ["won"]
+    assert sorted(outcomes) == ["refused"] * 7 + ["won"]  # each refused after writing: the name was free then
     assert target.read_text() == str(outcomes.index("won"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
+
+
+def test_save_weights_saves_the_caption_decoder_with_its_tied_weights(tmp_path):
+    from companion.models.caption import CaptionDecoder
+
+    torch.manual_seed(0)
+    model = CaptionDecoder(vocab_size=20, feature_dim=8, dim=16, depth=1, num_heads=2, max_len=6).eval()
+    path = save_weights(model, tmp_path / "caption.safetensors")  # safetensors refused the shared tensor
+    torch.manual_seed(1)
+    other = load_weights(CaptionDecoder(20, 8, dim=16, depth=1, num_heads=2, max_len=6).eval(), path)
+    assert other.lm_head.weight is other.tok_emb.weight  # still one tensor, not two copies
+    features, tokens = torch.randn(2, 8, 3, 3), torch.randint(0, 20, (2, 5))
+    assert torch.equal(model(features, tokens), other(features, tokens))
+    assert torch.equal(model.generate(features), other.generate(features))
+
+
+def test_weights_follow_the_umask_and_are_never_half_written(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, path = tiny_cnn(), tmp_path / "w.safetensors"
+    old = os.umask(0o022)
+    try:
+        save_weights(model, path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # was 0600 (safetensors' own file)
+    before = path.read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save", lambda *a, **k: pytest.fail("not reached"))
+    with pytest.raises(FileExistsError, match="exists already and is not replaced"):
+        save_weights(tiny_cnn(), path, overwrite=False)
+    assert path.read_bytes() == before
+
+
+def test_load_weights_says_in_one_line_what_does_not_fit(tmp_path):
+    path = save_weights(tiny_cnn(), tmp_path / "w.safetensors")
+    wider = nn.Sequential(*list(tiny_cnn())[:-1], nn.Linear(8 * 8 * 8, 12))
+    with pytest.raises(ValueError) as err:
+        load_weights(wider, path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"the weights in {path} do not fit this model (Sequential;")
+    assert "2 of another shape (5.weight (10, 512) in the file, (12, 512) in the model, 5.bias (10,)" in message
+    with pytest.raises(ValueError, match=r"\): 9 not in the model \([^)]*and 6 more\); load them into the model"):
+        load_weights(nn.Sequential(nn.Identity(), nn.Identity()), path)
+    with pytest.raises(IsADirectoryError, match=rf"^{tmp_path} is a folder, not a weights file"):
+        load_weights(tiny_cnn(), tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^cannot write {tmp_path}/no/w.safetensors: the folder .* does not"):
+        save_weights(tiny_cnn(), tmp_path / "no" / "w.safetensors")
+    with pytest.raises(IsADirectoryError, match=rf"^{tmp_path} is a folder; give the path of a file"):
+        save_weights(tiny_cnn(), tmp_path)
