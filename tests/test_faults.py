@@ -651,3 +651,61 @@ def test_load_weights_says_in_one_line_what_does_not_fit(tmp_path):
         save_weights(tiny_cnn(), tmp_path / "no" / "w.safetensors")
     with pytest.raises(IsADirectoryError, match=rf"^{tmp_path} is a folder; give the path of a file"):
         save_weights(tiny_cnn(), tmp_path)
+
+
+def _bad_arguments() -> list[tuple[str, object, type, str]]:
+    """(case, call, error, message) for arguments that were accepted silently or failed deep inside torch."""
+    from companion import attention, conv
+    from companion.models import cnn, sagan, vit
+
+    q, x = torch.randn(2, 4, 8), torch.randn(1, 3, 8, 8)
+    return [
+        ("FastCNN widths=(8.5,)", lambda: cnn.FastCNN(widths=(8.5,)), ValueError, "positive channel counts \\(ints\\)"),
+        ("FastCNN widths=8", lambda: cnn.FastCNN(widths=8), ValueError, "non-empty tuple of positive channel"),
+        ("FastCNN num_classes=0", lambda: cnn.FastCNN(num_classes=0), ValueError, "num_classes must be at least 1"),
+        ("FastCNN stem_width=0", lambda: cnn.FastCNN(stem_width=0), ValueError, "stem_width must be at least 1"),
+        ("FastCNN logit_scale=nan", lambda: cnn.FastCNN(logit_scale=math.nan), ValueError, "logit_scale must be a pos"),
+        ("FastCNN logit_scale=0", lambda: cnn.FastCNN(logit_scale=0), ValueError, "logit_scale must be a positive"),
+        ("SimpleCNN num_classes=-3", lambda: cnn.SimpleCNN(-3), ValueError, "num_classes must be at least 1, got -3"),
+        ("ViT dim=0", lambda: vit.ViT(dim=0, num_heads=1), ValueError, "dim must be at least 1"),
+        ("ViT image_size=0", lambda: vit.ViT(image_size=0), ValueError, "image_size must be at least 1"),
+        ("ViT in_channels=0", lambda: vit.ViT(in_channels=0), ValueError, "in_channels must be at least 1"),
+        ("ViT mlp_ratio=0", lambda: vit.ViT(mlp_ratio=0), ValueError, "mlp_ratio must be a positive finite"),
+        ("ViT mlp_ratio=0.001", lambda: vit.ViT(mlp_ratio=1e-3), ValueError, "gives an MLP of 0 units for dim=192"),
+        ("ViT num_classes=0", lambda: vit.ViT(num_classes=0), ValueError, "num_classes must be at least 1"),
+        ("ViT depth=2.5", lambda: vit.ViT(depth=2.5), TypeError, "depth must be a whole number \\(an int\\), got 2.5"),
+        ("SelfAttention2d scale=nan", lambda: sagan.SelfAttention2d(8, 2, math.nan), ValueError, "scale must be a pos"),
+        ("SelfAttention2d scale=-1", lambda: sagan.SelfAttention2d(8, 2, -1.0), ValueError, "scale must be a pos"),
+        ("MHA kdim=0", lambda: attention.MultiHeadAttention(8, 2, kdim=0), ValueError, "kdim must be at least 1"),
+        ("MHA dim=0", lambda: attention.MultiHeadAttention(0, 1), ValueError, "dim must be at least 1"),
+        ("sdpa scale=nan", lambda: scaled_dot_product_attention(q, q, q, scale=math.nan), ValueError, "scale must"),
+        ("weights scale=0", lambda: attention.attention_weights(q, q, scale=0.0), ValueError, "scale must be a pos"),
+        ("causal_mask(-1)", lambda: attention.causal_mask(-1), ValueError, "n must be at least 0, got -1"),
+        ("causal_mask(2.5)", lambda: attention.causal_mask(2.5), TypeError, "n must be a whole number"),
+        ("padding_mask floats", lambda: attention.padding_mask([1.5, 2]), TypeError, "lengths must be integers"),
+        ("positions n=-1", lambda: attention.sinusoidal_position_encoding(-1, 4), ValueError, "n must be at least 0"),
+        ("positions base=0", lambda: attention.sinusoidal_position_encoding(3, 4, 0), ValueError, "base must be"),
+        ("positions dim=4.0", lambda: attention.sinusoidal_position_encoding(3, 4.0), TypeError, "dim must be a whole"),
+        ("positions 2-D h=-1", lambda: attention.sinusoidal_position_encoding_2d(-1, 2, 4), ValueError, "h must be"),
+        ("learned positions n=-1", lambda: attention.LearnedPositionEmbedding(-1, 4), ValueError, "n must be at least"),
+        ("learned positions std=0", lambda: attention.LearnedPositionEmbedding(3, 4, 0), ValueError, "std must be a p"),
+        ("conv kernel_size=True", lambda: conv.conv_output_size(8, True), ValueError, "kernel_size must be an int or"),
+        ("conv2d float64 weight", lambda: conv.conv2d(x, torch.randn(2, 3, 3, 3).double()), TypeError, "one dtype"),
+        ("convolve2d empty kernel", lambda: conv.convolve2d(np.ones((5, 5)), np.ones((0, 3))), ValueError, "not empty"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_arguments())), ids=[c[0] for c in _bad_arguments()])
+def test_models_and_functions_refuse_arguments_with_no_meaning(case):
+    _, call, error, message = _bad_arguments()[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_values_that_keep_a_meaning_are_still_accepted():
+    from companion import attention
+
+    assert attention.padding_mask([]).shape == (0, 0)  # no sequences (was a RuntimeError from max())
+    assert attention.causal_mask(0).shape == (0, 0)
+    assert attention.sinusoidal_position_encoding_2d(0, 2, 4).shape == (0, 4)
+    assert attention.MultiHeadAttention(8, 2, kdim=None).kdim == 8
