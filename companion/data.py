@@ -80,8 +80,12 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """Resolve the data root: the argument, else ``$COMPANION_DATA``, else a per-user cache folder."""
+    """Resolve the data root: the argument, else ``$COMPANION_DATA`` (empty = unset), else a per-user cache folder."""
     if root is not None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a folder's path (a str or os.PathLike) or None, got {root!r}")
+        if os.fspath(root) == "":
+            raise ValueError("root='' is an empty path; give a folder, or None for $COMPANION_DATA or the user cache")
         return Path(root).expanduser()
     if os.environ.get("COMPANION_DATA"):
         return Path(os.environ["COMPANION_DATA"]).expanduser()
@@ -478,6 +482,8 @@ def _build(root: Path, split: str, source: _Source | None, allow_partial: bool) 
     An incomplete copy is refused before anything is cached, unless ``allow_partial``.
     """
     target = _cache_target(root, split)
+    if target is not None and target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder, where the decoded cache goes; remove or rename it")
     with FileLock(f"{target}.lock") if target is not None else contextlib.nullcontext():
         if target is not None:
             done, _ = _from_cache(root, split, source)

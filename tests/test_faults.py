@@ -531,8 +531,15 @@ def test_load_cifar10_refuses_arguments_it_cannot_mean(fake_cifar, monkeypatch):
         allowed = "True or False" if name == "train" else "True, False or None"
         with pytest.raises(TypeError, match=rf"^{name} must be {allowed}, got {value!r}$"):
             load_cifar10(**{"root": fake_cifar, name: value})
+    with pytest.raises(ValueError, match=r"^root='' is an empty path; give a folder"):
+        load_cifar10(root="")  # was the current directory, silently
+    with pytest.raises(TypeError, match=r"^root must be a folder's path \(a str or os.PathLike\) or None, got 1$"):
+        load_cifar10(root=1)
     with pytest.raises(NotADirectoryError, match=r"the data root .*0.png is a file, not a folder"):
         load_cifar10(root=fake_cifar / "train" / "cat" / "0.png")
+    (fake_cifar / "cifar10-test-uint8-v2.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"cifar10-test-uint8-v2.pt is a folder, where the decoded cache go"):
+        load_cifar10(train=False, root=fake_cifar)
     monkeypatch.setenv("COMPANION_DOWNLOAD", "nope")  # refused although the data is at hand and no download is needed
     with pytest.raises(ValueError, match="COMPANION_DOWNLOAD='nope' is not a yes/no value"):
         load_cifar10(root=fake_cifar)
