@@ -468,6 +468,7 @@ def test_yes_no_flags_accept_the_documented_values_and_refuse_the_rest(tmp_path,
 
 def test_a_partial_copy_is_refused_unless_asked_for_and_never_cached_as_cifar10(fake_cifar, monkeypatch, capsys):
     monkeypatch.delenv("COMPANION_ALLOW_PARTIAL")
+    monkeypatch.setattr(data, "_announced", set())  # a fresh process: the lines below are said once per process
     with pytest.raises(ValueError) as refused:
         load_cifar10(train=True, root=fake_cifar)
     assert str(refused.value) == (
