@@ -8,6 +8,11 @@
    or a ``.tar.gz`` of one (``cifar10-jpeg.tar.gz``, the offline copy of the book's machines);
 4. only when downloading is allowed: torchvision's download of the original.
 
+A copy must be complete (5,000 training and 1,000 test images of each of the 10 classes): a class-folder tree
+that is not is passed over for a copy after it, and any incomplete copy is refused, saying what it holds, unless
+``allow_partial=True`` (or ``COMPANION_ALLOW_PARTIAL=1``) asks for it; a partial copy's cache records its counts
+and is refused in the same way.
+
 The first source found is decoded once and cached as uint8 tensors (``cifar10-<split>-uint8-v2.pt`` in
 the root, or in the user cache when the root is read-only); later calls read the cache. The cache records
 its source (path, sizes, modification times, content hashes of archives and batch files) and a sha256 of
@@ -29,7 +34,6 @@ import os
 import pickle
 import sys
 import tarfile
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -42,7 +46,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from companion import distributed
+from companion.files import atomic_write
 from companion.runtime import device as best_device
+from companion.runtime import env_flag
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -66,6 +72,7 @@ _TREE = "cifar10-jpeg"
 _BATCHES = "cifar-10-batches-py"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 _FORMAT = 2  # the cache's layout; a cache in any other format is decoded again, never trusted
+_PER_CLASS = {"train": 5_000, "test": 1_000}  # images of every class in a complete split
 ORDER_SEED = 0  # class-folder sources are shuffled by torch.randperm(N, generator=manual_seed(ORDER_SEED))
 
 
@@ -74,8 +81,12 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """Resolve the data root: the argument, else ``$COMPANION_DATA``, else a per-user cache folder."""
+    """Resolve the data root: the argument, else ``$COMPANION_DATA`` (empty = unset), else a per-user cache folder."""
     if root is not None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a folder's path (a str or os.PathLike) or None, got {root!r}")
+        if os.fspath(root) == "":
+            raise ValueError("root='' is an empty path; give a folder, or None for $COMPANION_DATA or the user cache")
         return Path(root).expanduser()
     if os.environ.get("COMPANION_DATA"):
         return Path(os.environ["COMPANION_DATA"]).expanduser()
@@ -217,7 +228,7 @@ def _cache_target(root: Path, split: str) -> Path | None:
 
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source: _Source) -> None:
-    """Write the cache atomically: a unique temporary file in the same folder, then ``os.replace``."""
+    """Write the cache atomically (``atomic_write``: a temporary file beside it, then renamed)."""
     blob = {
         "format": _FORMAT,
         "images": images.contiguous(),
@@ -226,15 +237,10 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source:
         "counts": torch.bincount(labels, minlength=10).tolist(),
         "source": source.identity(hashes=True),
     }
-    for stale in path.parent.glob(f".{path.stem}-*.tmp"):
-        stale.unlink(missing_ok=True)  # left by a process killed while writing (we hold the lock)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    for pattern in (f".{path.name}-*.tmp", f".{path.stem}-*.tmp"):  # the second: older versions' names
+        for stale in path.parent.glob(pattern):
+            stale.unlink(missing_ok=True)  # left by a process killed while writing (we hold the lock)
+    atomic_write(path, lambda f: torch.save(blob, f))  # mode from the umask: a shared data folder shares it
 
 
 def _batch_names(split: str) -> list[str]:
@@ -346,7 +352,7 @@ def _download(root: Path, split: str) -> None:
 def _download_allowed(download: bool | None) -> bool:
     if download is not None:
         return download
-    return os.environ.get("COMPANION_DOWNLOAD", "1").strip().lower() not in {"0", "false", "no", "off"}
+    return env_flag("COMPANION_DOWNLOAD", default=True)
 
 
 def _check_subset(subset: object) -> None:
@@ -374,17 +380,61 @@ def _balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([idx[:k] for idx, k in zip(per_class, take)]).sort().values
 
 
-def _find_source(root: Path, split: str) -> _Source | None:
-    """The first copy of CIFAR-10 in ``root``, in the order of this module's docstring (the cache aside)."""
+def _class_counts(files: list[Path]) -> list[int]:
+    """Images per class among a class-folder tree's files (files in unknown folders are counted nowhere)."""
+    counts = [0] * 10
+    for p in files:
+        if p.parent.name in CIFAR10_CLASSES:
+            counts[CIFAR10_CLASSES.index(p.parent.name)] += 1
+    return counts
+
+
+def _sources(root: Path, split: str) -> list[_Source]:
+    """Every copy of CIFAR-10 in ``root``, in the order of this module's docstring (the cache aside)."""
+    found = []
     if (root / _BATCHES).is_dir():
-        return _Source("python batches", root / _BATCHES, split)
+        found.append(_Source("python batches", root / _BATCHES, split))
     if _has_images(root / _TREE / split):
-        return _Source("folder", root / _TREE, split)
+        found.append(_Source("folder", root / _TREE, split))
     if any((root / split / c).is_dir() for c in CIFAR10_CLASSES) and _has_images(root / split):
-        return _Source("folder", root, split)
+        found.append(_Source("folder", root, split))
     if (root / _ARCHIVE).is_file():
-        return _Source("archive", root / _ARCHIVE, split)
-    return None
+        found.append(_Source("archive", root / _ARCHIVE, split))
+    return found
+
+
+def _find_source(root: Path, split: str) -> _Source | None:
+    """The first copy that may be complete: a class-folder tree is counted (cheap), the others are checked decoded.
+
+    A tree with other than 5,000 (train) or 1,000 (test) images of every class is passed over for a copy after it
+    (the complete archive beside a partial tree); with no other copy it is still returned, and refused or allowed
+    by ``_check_complete`` with the full count.
+    """
+    found = _sources(root, split)
+    for source in found:
+        if source.kind != "folder" or _class_counts(source.files()) == [_PER_CLASS[split]] * 10:
+            return source
+    return found[0] if found else None
+
+
+def _check_complete(labels: torch.Tensor, split: str, origin: str, allow_partial: bool) -> str:
+    """'' for the complete split; else what it holds (allowed) or a ValueError that says what is missing."""
+    counts = torch.bincount(labels, minlength=10).tolist()
+    want = _PER_CLASS[split]
+    if counts == [want] * 10:
+        return ""
+    held = f"{len(labels):,} images"
+    if len(set(counts)) == 1:
+        held += f", {counts[0]:,} of every class"
+    else:
+        held += " (" + ", ".join(f"{CIFAR10_CLASSES[c]} {n:,}" for c, n in enumerate(counts) if n != want) + ")"
+    if allow_partial:
+        return f"a partial copy of {held}"
+    raise ValueError(
+        f"{origin} is not the complete CIFAR-10 {split} split: it holds {held}, where CIFAR-10 has "
+        f"{10 * want:,} ({want:,} of every class); point the loader at a complete copy, or pass "
+        "allow_partial=True (or set COMPANION_ALLOW_PARTIAL=1) to use this one as it is"
+    )
 
 
 _announced: set[str] = set()
@@ -397,7 +447,7 @@ def _announce(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-Loaded = tuple[torch.Tensor, torch.Tensor, str]  # images, labels, where they came from
+Loaded = tuple[torch.Tensor, torch.Tensor, str, str]  # images, labels, where they came from, the file(s) read
 
 
 def _from_cache(root: Path, split: str, source: _Source | None) -> tuple[Loaded | None, list[str]]:
@@ -413,16 +463,28 @@ def _from_cache(root: Path, split: str, source: _Source | None) -> tuple[Loaded 
             continue
         origin = f"the {recorded.get('kind')} {recorded.get('path')}" if isinstance(recorded, dict) else "?"
         if source is not None and not source.matches(recorded):
-            problems.append(f"the decoded cache {path} is stale: it was decoded from {origin}, which changed since")
+            now = source.identity()
+            moved = not isinstance(recorded, dict) or [recorded.get("kind"), recorded.get("path")] != [
+                now["kind"],
+                now["path"],
+            ]
+            why = f"the {source} is used now" if moved else "which changed since"
+            problems.append(f"the decoded cache {path} is stale: it was decoded from {origin}, {why}")
             continue
         gone = "" if source is not None else " (that source is no longer in the data root)"
-        return (images, labels, f"CIFAR-10: read the decoded cache in {path.parent}, decoded from {origin}{gone}"), []
+        how = f"CIFAR-10: read the decoded cache in {path.parent}, decoded from {origin}{gone}"
+        return (images, labels, how, f"the decoded cache {path} (decoded from {origin})"), []
     return None, problems
 
 
-def _build(root: Path, split: str, source: _Source | None) -> Loaded:
-    """Decode ``source`` (None: download the original) and cache it; one process at a time per cache folder."""
+def _build(root: Path, split: str, source: _Source | None, allow_partial: bool) -> Loaded:
+    """Decode ``source`` (None: download the original) and cache it; one process at a time per cache folder.
+
+    An incomplete copy is refused before anything is cached, unless ``allow_partial``.
+    """
     target = _cache_target(root, split)
+    if target is not None and target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder, where the decoded cache goes; remove or rename it")
     with FileLock(f"{target}.lock") if target is not None else contextlib.nullcontext():
         if target is not None:
             done, _ = _from_cache(root, split, source)
@@ -437,10 +499,11 @@ def _build(root: Path, split: str, source: _Source | None) -> Loaded:
             source, how = _Source("python batches", root / _BATCHES, split), "downloaded and decoded the"
         reader = {"python batches": _from_batches, "folder": _from_tree, "archive": _from_archive}[source.kind]
         images, labels = reader(source.path, split)
+        _check_complete(labels, split, str(source.path), allow_partial)
         if target is not None:
             _write_cache(target, images, labels, source)
         where = f"cached in {target.parent}" if target is not None else "not cached: no writable folder"
-    return images, labels, f"CIFAR-10: {how} {source} ({where})"
+    return images, labels, f"CIFAR-10: {how} {source} ({where})", str(source.path)
 
 
 def load_cifar10(
@@ -448,21 +511,35 @@ def load_cifar10(
     root: str | os.PathLike | None = None,
     subset: int | None = None,
     download: bool | None = None,
+    allow_partial: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a CIFAR-10 split as ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``.
 
-    ``root`` defaults to ``$COMPANION_DATA``, else a per-user cache folder. ``subset=N`` takes exactly N
-    images, class-balanced and deterministic. ``download=None`` allows torchvision's download unless
-    ``COMPANION_DOWNLOAD=0``; ``download=False`` never downloads. Prints, once per process, where the
-    data came from.
+    ``train`` picks the 50,000 training images (True) or the 10,000 test images (False). ``root`` defaults to
+    ``$COMPANION_DATA``, else a per-user cache folder. ``subset=N`` takes exactly N images, class-balanced and
+    deterministic. ``download=None`` allows torchvision's download unless ``COMPANION_DOWNLOAD`` says no;
+    ``download=False`` never downloads. A copy without exactly 5,000 (train) or 1,000 (test) images of every
+    class is refused, saying what it holds, unless ``allow_partial=True`` (``None``: the environment variable
+    ``COMPANION_ALLOW_PARTIAL``, default no); a complete copy is always preferred to a partial one beside it.
+    Prints, once per process, where the data came from.
     """
     _check_subset(subset)
+    _check_flag("train", train, none_ok=False)
+    _check_flag("download", download)
+    _check_flag("allow_partial", allow_partial)
+    may_download = _download_allowed(download)  # a bad COMPANION_DOWNLOAD is refused even when data is at hand
+    if allow_partial is None:
+        allow_partial = env_flag("COMPANION_ALLOW_PARTIAL", default=False)
     split = "train" if train else "test"
     root = data_root(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            f"the data root {root} is a file, not a folder; point root= or COMPANION_DATA at a folder"
+        )
     source = _find_source(root, split)
     loaded, problems = _from_cache(root, split, source)
     if loaded is None:
-        if source is None and not _download_allowed(download):
+        if source is None and not may_download:
             if problems:
                 raise ValueError(
                     f"{problems[0]}, and {root} holds no copy of CIFAR-10 to decode it again from; delete the "
@@ -471,13 +548,23 @@ def load_cifar10(
             raise DataNotFoundError(_not_found_message(root, download_tried=False))
         for problem in problems:
             warnings.warn(f"{problem}; decoding it again from {source or 'a download'}", stacklevel=2)
-        loaded = _build(root, split, source)
-    images, labels, how = loaded
+        loaded = _build(root, split, source, allow_partial)
+    images, labels, how, origin = loaded
+    partial = _check_complete(labels, split, origin, allow_partial)
     _announce(how)
+    if partial:
+        _announce(f"CIFAR-10 {split} split: {partial}, used as it is (allow_partial)")
     if subset is not None:
         keep = _balanced_subset(labels, subset)
         images, labels = images[keep], labels[keep]
     return images, labels
+
+
+def _check_flag(name: str, value: object, none_ok: bool = True) -> None:
+    """Refuse a yes/no argument that is not a bool (``train="test"`` would be truthy: the wrong split, silently)."""
+    if not (isinstance(value, (bool, np.bool_)) or (none_ok and value is None)):
+        allowed = "True, False or None" if none_ok else "True or False"
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _not_found_message(root: Path, download_tried: bool, reason: str = "") -> str:
@@ -486,8 +573,8 @@ def _not_found_message(root: Path, download_tried: bool, reason: str = "") -> st
         f"CIFAR-10 was not found in {root} (looked for a decoded cache, {_BATCHES}/, {_TREE}/ or "
         f"train/ and test/ class folders, and {_ARCHIVE}), and {tried}. Either point the loader at a "
         "folder that holds a copy (load_cifar10(root=...) or the environment variable COMPANION_DATA, "
-        "e.g. COMPANION_DATA=../shared/data), or allow the download on a machine with internet "
-        "(load_cifar10(download=True), or unset COMPANION_DOWNLOAD)."
+        "e.g. COMPANION_DATA=/path/to/cifar10), or allow the download on a machine with internet "
+        "(load_cifar10(download=True), or COMPANION_DOWNLOAD=1 or unset)."
     )
 
 

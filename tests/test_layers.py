@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "companion"
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    {"runtime", "validation", "distributed", "callbacks", "checkpoint", "vocab"},
+    {"runtime", "validation", "files", "distributed", "callbacks", "checkpoint", "vocab"},
     {"conv", "attention", "data", "augment", "viz", "records", "diagrams"},
     {"models", "llm", "optim"},
     {"train"},

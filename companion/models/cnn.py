@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion.validation import validate_images
+from companion.validation import validate_images, validate_int, validate_positive
 
 __all__ = ["ConvGroup", "FastCNN", "SimpleCNN", "patch_whitening"]
 
@@ -22,6 +22,7 @@ class SimpleCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
+        validate_int(num_classes, "num_classes")
         self.conv1 = nn.Conv2d(3, 6, kernel_size=5)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
         self.pool = nn.MaxPool2d(2)
@@ -49,7 +50,8 @@ class ConvGroup(nn.Module):
         self, in_channels: int, out_channels: int, depth: int = 2, batch_norm: bool = True, bn_scale: bool = True
     ) -> None:
         super().__init__()
-        if depth < 1:
+        validate_int(in_channels, "in_channels"), validate_int(out_channels, "out_channels")
+        if validate_int(depth, "depth", minimum=None) < 1:
             raise ValueError(f"depth must be at least 1 convolution per stage, got {depth}")
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1, bias=not batch_norm)
@@ -88,8 +90,11 @@ class FastCNN(nn.Module):
         bn_scale: bool = True,
     ) -> None:
         super().__init__()
-        if not widths or min(widths) < 1:
-            raise ValueError(f"widths must be a non-empty tuple of positive channel counts, got {widths!r}")
+        ok = isinstance(widths, (tuple, list)) and widths
+        if not ok or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+            raise ValueError(f"widths must be a non-empty tuple of positive channel counts (ints), got {widths!r}")
+        validate_int(num_classes, "num_classes"), validate_int(stem_width, "stem_width")
+        validate_positive(logit_scale, "logit_scale", " (the logits are the head's outputs times it)")
         self.stem = nn.Conv2d(3, stem_width, kernel_size=2, bias=True)  # 2x2 patches: 32x32 -> 31x31
         chans = (stem_width, *widths)
         self.stages = nn.ModuleList(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion.attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_position_encoding_2d
-from companion.validation import validate_divides, validate_images
+from companion.validation import validate_divides, validate_images, validate_int, validate_positive
 
 __all__ = [
     "DropPath",
@@ -44,6 +44,7 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, dim: int = 192) -> None:
         super().__init__()
+        validate_int(in_channels, "in_channels"), validate_int(dim, "dim")
         validate_divides(image_size, patch_size, "image_size", "patch_size", "the patches must tile the image exactly")
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.grid_size = image_size // patch_size
@@ -184,6 +185,7 @@ class EncoderBlock(nn.Module):
         locality: bool = False,
     ) -> None:
         super().__init__()
+        validate_int(mlp_dim, "mlp_dim"), validate_positive(eps, "eps", " (added to the LayerNorm variance)")
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         attention = LocalitySelfAttention if locality else MultiHeadAttention
         self.attn = attention(dim, num_heads, dropout=dropout)
@@ -261,8 +263,14 @@ class ViT(nn.Module):
             raise ValueError(f"pool must be 'cls' (class token) or 'mean' (average of the patch tokens), got {pool!r}")
         if pos_embedding not in {"learned", "sincos"}:
             raise ValueError(f"pos_embedding must be 'learned' or 'sincos', got {pos_embedding!r}")
-        if depth < 1:
+        if validate_int(depth, "depth", minimum=None) < 1:
             raise ValueError(f"depth must be at least 1 encoder block, got {depth}")
+        validate_int(num_classes, "num_classes"), validate_int(dim, "dim")
+        mlp_dim = round(validate_positive(mlp_ratio, "mlp_ratio", " (the MLP's width over dim)") * dim)
+        if mlp_dim < 1:
+            raise ValueError(
+                f"mlp_ratio={mlp_ratio} gives an MLP of {mlp_dim} units for dim={dim}; use at least 1 / dim"
+            )
         self.pool = pool
         embedding = ShiftedPatchEmbedding if shifted_patches else PatchEmbedding
         self.patch_embed = embedding(image_size, patch_size, in_channels, dim)
@@ -277,8 +285,7 @@ class ViT(nn.Module):
             self.register_buffer("pos_embedding", torch.cat([torch.zeros(num_tokens - g * g, dim), grid]))
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth: 0 first, drop_path last
         self.blocks = nn.ModuleList(
-            EncoderBlock(dim, num_heads, round(mlp_ratio * dim), dropout, drop_path=r, locality=locality_attention)
-            for r in rates
+            EncoderBlock(dim, num_heads, mlp_dim, dropout, drop_path=r, locality=locality_attention) for r in rates
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
