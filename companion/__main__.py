@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from companion import distributed, exercises
-from companion.runtime import quick
+from companion.runtime import env_flag, quick
 
 
 def positive_int(text: str) -> int:
@@ -89,9 +89,16 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     """``train cnn|vit|llm``: the recipe's run; one-line errors for bad paths and checkpoints; 128+N on signal N."""
     from companion.checkpoint import ResumeError
-    from companion.data import DataNotFoundError
+    from companion.data import DataError
     from companion.train import TrainingInterrupted
 
+    try:  # the environment's flags, before anything loads: a value they do not know is a usage error
+        quick_mode = args.quick or quick()
+        for flag in ("COMPANION_DOWNLOAD", "COMPANION_ALLOW_PARTIAL"):
+            env_flag(flag)
+    except ValueError as err:
+        print(f"python -m companion train: error: {err}", file=sys.stderr)
+        return 2
     checkpoint = args.checkpoint
     if checkpoint is None and args.save is not None:  # beside the weights: vit.safetensors -> vit.ckpt
         checkpoint = Path(args.save).with_suffix("").with_suffix(".ckpt")
@@ -101,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         with distributed.process_group():  # under torchrun: data-parallel training, one result line from rank 0
             getattr(recipe, f"train_{args.what}")(
-                quick=args.quick or quick(),
+                quick=quick_mode,
                 epochs=args.epochs,
                 root=args.data,
                 seed=args.seed,
@@ -115,9 +122,7 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C before training started, or while the finished run was saving (it saved)
         print("python -m companion train: interrupted", file=sys.stderr)
         return 130
-    except (FileExistsError, FileNotFoundError, IsADirectoryError, PermissionError, ResumeError) as err:
-        if isinstance(err, DataNotFoundError):
-            raise
+    except (OSError, DataError, ResumeError) as err:  # paths, files, the data copy, a checkpoint: said in one line
         print(f"python -m companion train: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -10,7 +10,6 @@ count, a resumed run ends with the same figures as one that was never interrupte
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ import torch
 
 from companion import distributed
 from companion.callbacks import Callback
+from companion.files import atomic_write
 
 if TYPE_CHECKING:
     from companion.train import FitState
@@ -62,17 +62,8 @@ def save_checkpoint(state: FitState, path: str | os.PathLike) -> Path:
     """Write the run's checkpoint to ``path`` atomically (a reader never sees half a file); only rank 0 writes."""
     path = Path(path)
     if distributed.is_main():
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-            torch.save(_state(state), tmp)
-        os.chmod(tmp.name, 0o666 & ~_umask())  # as any new file: what the umask allows
-        os.replace(tmp.name, path)
+        atomic_write(path, lambda f: torch.save(_state(state), f))
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def restore(state: FitState, path: str | os.PathLike) -> None:

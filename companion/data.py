@@ -54,6 +54,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "DataError",
     "DataNotFoundError",
     "CaptionBatches",
     "DeviceLoader",
@@ -76,6 +77,10 @@ _PER_CLASS = {"train": 5_000, "test": 1_000}  # images of every class in a compl
 ORDER_SEED = 0  # class-folder sources are shuffled by torch.randperm(N, generator=manual_seed(ORDER_SEED))
 
 
+class DataError(ValueError):
+    """A copy of the data set that cannot be used as it is (incomplete, damaged, wrong shapes); says what to do."""
+
+
 class DataNotFoundError(FileNotFoundError):
     """No usable copy of the data set was found, and none could be downloaded."""
 
@@ -86,7 +91,7 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(f"root must be a folder's path (a str or os.PathLike) or None, got {root!r}")
         if os.fspath(root) == "":
-            raise ValueError("root='' is an empty path; give a folder, or None for $COMPANION_DATA or the user cache")
+            raise DataError("root='' is an empty path; give a folder, or None for $COMPANION_DATA or the user cache")
         return Path(root).expanduser()
     if os.environ.get("COMPANION_DATA"):
         return Path(os.environ["COMPANION_DATA"]).expanduser()
@@ -108,12 +113,12 @@ def _cache_paths(root: Path, split: str) -> list[Path]:
 
 def _check(images: torch.Tensor, labels: torch.Tensor, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
     if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, 32, 32):
-        raise ValueError(
+        raise DataError(
             f"{origin}: expected uint8 images of shape (N, 3, 32, 32), got {tuple(images.shape)} {images.dtype}; "
             "this is not CIFAR-10 (delete the file or point COMPANION_DATA at a correct copy)"
         )
     if labels.shape != (images.shape[0],) or int(labels.min()) < 0 or int(labels.max()) > 9:
-        raise ValueError(f"{origin}: labels must be N integers in 0..9, one per image")
+        raise DataError(f"{origin}: labels must be N integers in 0..9, one per image")
     return images, labels.long()
 
 
@@ -253,7 +258,7 @@ def _from_batches(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]
     for name in _batch_names(split):
         path = folder / name
         if not path.is_file():
-            raise ValueError(f"{folder} is incomplete: {name} is missing; delete the folder and download again")
+            raise DataError(f"{folder} is incomplete: {name} is missing; delete the folder and download again")
         try:
             with open(path, "rb") as f:
                 # The CIFAR-10 batches are pickles by design; only load copies you trust.
@@ -261,7 +266,7 @@ def _from_batches(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(batch["labels"])
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as err:
-            raise ValueError(
+            raise DataError(
                 f"{path} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}); the file is probably "
                 f"truncated or damaged: delete {folder} and download it again"
             ) from err
@@ -273,28 +278,28 @@ def _decode(data: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")
             if im.size != (32, 32):
-                raise ValueError(f"{name} is {im.size[0]}x{im.size[1]}, but CIFAR-10 images are 32x32")
+                raise DataError(f"{name} is {im.size[0]}x{im.size[1]}, but CIFAR-10 images are 32x32")
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{name} is not a readable image ({err})") from err
+        raise DataError(f"{name} is not a readable image ({err})") from err
 
 
 def _label_of(parts: tuple[str, ...], origin: str) -> int:
     cls = parts[-2]
     if cls not in CIFAR10_CLASSES:
-        raise ValueError(f"{origin}: unknown class folder {cls!r}; expected one of {', '.join(CIFAR10_CLASSES)}")
+        raise DataError(f"{origin}: unknown class folder {cls!r}; expected one of {', '.join(CIFAR10_CLASSES)}")
     return CIFAR10_CLASSES.index(cls)
 
 
 def _stack(items: list[tuple[str, int, np.ndarray]], origin: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of a class-folder source in the fixed order: sorted by (class, file name), then ORDER_SEED's shuffle."""
     if not items:
-        raise ValueError(f"{origin} holds no images for this split")
+        raise DataError(f"{origin} holds no images for this split")
     items.sort(key=lambda t: (t[1], t[0]))  # class order, then file name: deterministic
     missing = set(range(10)) - {label for _, label, _ in items}
     if missing:
         names = ", ".join(CIFAR10_CLASSES[i] for i in sorted(missing))
-        raise ValueError(f"{origin} has no images of class {names}; the copy is incomplete")
+        raise DataError(f"{origin} has no images of class {names}; the copy is incomplete")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(ORDER_SEED))
     images = torch.from_numpy(np.stack([items[i][2] for i in order]))
     labels = torch.tensor([items[i][1] for i in order])
@@ -334,7 +339,7 @@ def _from_archive(archive: Path, split: str) -> tuple[torch.Tensor, torch.Tensor
                 data = tar.extractfile(member).read()
                 items.append((member.name, _label_of(parts, str(archive)), _decode(data, f"{archive}:{member.name}")))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise ValueError(
+        raise DataError(
             f"the archive {archive} is corrupt or truncated ({err}); check it with "
             f"'sha256sum -c {archive.name}.sha256' in its folder, or replace it with a good copy"
         ) from err
@@ -366,14 +371,14 @@ def _balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
     Deterministic: each class's images are taken in the order of a fixed (seed 0) shuffle.
     """
     if not 0 < n <= len(labels):
-        raise ValueError(f"subset must be between 1 and {len(labels)}, got {n}")
+        raise DataError(f"subset must be between 1 and {len(labels)}, got {n}")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     per_class = [order[labels[order] == c] for c in range(10)]
     take = [n // 10 + (1 if c < n % 10 else 0) for c in range(10)]
     for c, (idx, k) in enumerate(zip(per_class, take)):
         if len(idx) < k:
             fits = 10 * min(len(i) for i in per_class)
-            raise ValueError(
+            raise DataError(
                 f"subset={n} takes {k} images of class {CIFAR10_CLASSES[c]!r}, but this split holds only {len(idx)}; "
                 f"a class-balanced subset of this copy can have at most {fits} images (10 x the rarest class)"
             )
@@ -430,7 +435,7 @@ def _check_complete(labels: torch.Tensor, split: str, origin: str, allow_partial
         held += " (" + ", ".join(f"{CIFAR10_CLASSES[c]} {n:,}" for c, n in enumerate(counts) if n != want) + ")"
     if allow_partial:
         return f"a partial copy of {held}"
-    raise ValueError(
+    raise DataError(
         f"{origin} is not the complete CIFAR-10 {split} split: it holds {held}, where CIFAR-10 has "
         f"{10 * want:,} ({want:,} of every class); point the loader at a complete copy, or pass "
         "allow_partial=True (or set COMPANION_ALLOW_PARTIAL=1) to use this one as it is"
@@ -541,7 +546,7 @@ def load_cifar10(
     if loaded is None:
         if source is None and not may_download:
             if problems:
-                raise ValueError(
+                raise DataError(
                     f"{problems[0]}, and {root} holds no copy of CIFAR-10 to decode it again from; delete the "
                     "cache file and point the loader at a copy (root=... or COMPANION_DATA)"
                 )

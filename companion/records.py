@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from companion.files import atomic_write
 from companion.runtime import quick
 
 __all__ = ["make_record", "read_records", "record_fit", "record_name", "records_dir", "write_record"]
@@ -64,18 +64,8 @@ def write_record(record: dict[str, Any], name: str) -> Path:
         ) from err
     folder = records_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as tmp:
-        tmp.write(text + "\n")
-    os.chmod(tmp.name, 0o666 & ~_umask())  # as any new file: what the umask allows (a class can share the folder)
-    path = folder / f"{name}.json"
-    os.replace(tmp.name, path)  # atomic: a reader never sees half a record
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    # atomic (a reader never sees half a record), with the mode the umask gives (a class can share the folder)
+    return atomic_write(folder / f"{name}.json", lambda f: f.write((text + "\n").encode()))
 
 
 def read_records() -> list[dict[str, Any]]:

@@ -238,3 +238,15 @@ def test_ctrl_c_while_the_finished_run_saves_waits_for_the_files(
         train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False, save=target)
     load_weights(make_cnn(TINY.replace(whiten=False)), target)  # complete and readable
     assert len(read_records()) == 1  # and the record is there too
+
+
+def test_the_command_line_says_bad_flags_and_missing_data_in_one_line(tmp_path: Path) -> None:
+    env = os.environ | {"COMPANION_QUICK": "garbage"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "companion", "train", "cnn"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "COMPANION_QUICK" in proc.stderr and "Traceback" not in proc.stderr
+    env = os.environ | {"COMPANION_DOWNLOAD": "0", "COMPANION_QUICK": "1"}
+    command = [sys.executable, "-m", "companion", "train", "cnn", "--data", str(tmp_path)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "CIFAR-10 was not found" in proc.stderr and "Traceback" not in proc.stderr
