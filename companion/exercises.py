@@ -1,10 +1,13 @@
-"""Coursework: release student copies of the chapter notebooks and check a student's notebook.
+"""Coursework: student copies and solutions of the chapter notebooks, and a check of a student's notebook.
 
 The notebooks mark their exercises the way nbgrader does: solution code sits between ``### BEGIN SOLUTION``
 and ``### END SOLUTION`` in cells whose metadata says ``"nbgrader": {"solution": true, ...}``, written answers
 are markdown cells with the same flag, and each coding exercise is followed by a grader cell
-(``"grade": true``) that calls a ``companion.grading`` check. ``release`` writes the student copies,
-``check`` executes a notebook and reports, for every grader cell, whether it passed and the grader's diagnosis.
+(``"grade": true``) that calls a ``companion.grading`` check. ``release`` writes the student copies and
+``solutions`` the worked ones. ``check`` grades a submission against its release: the exercises, points and
+grader cells come from the release, and the notebook runs in a separate process (``companion._runner``) with
+its own temporary folder, a minimal environment and limits on time, memory and output. ``grade`` checks a
+folder of submissions and writes one row per student and exercise.
 """
 
 from __future__ import annotations
