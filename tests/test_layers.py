@@ -17,7 +17,7 @@ LAYERS = [
     {"train"},
     {"bench"},
     {"recipes"},
-    {"grading", "exercises"},
+    {"grading", "exercises", "_runner"},
     {"__main__", "__init__"},
 ]
 
