@@ -67,11 +67,21 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace an existing weights or checkpoint file (never by default)"
     )
 
+    ablate = sub.add_parser("ablate", help="train a recipe with each ingredient changed in turn, over seeds")
+    ablate.add_argument("what", choices=["cnn", "vit"])
+    ablate.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 for every variant (default 3)")
+    ablate.add_argument("--quick", action="store_true", help="small subset and few epochs (also COMPANION_QUICK=1)")
+    ablate.add_argument("--epochs", type=positive_int, default=None, help="override the recipe's number of epochs")
+    ablate.add_argument("--data", default=None, help="data root (default: $COMPANION_DATA or the user cache)")
+    ablate.add_argument("--only", default=None, help="comma-separated ingredient names (default: all)")
+
     exercises.add_parser(sub)
 
     args = parser.parse_args(argv)
     if args.command == "exercises":
         return exercises.main(args)
+    if args.command == "ablate":
+        return _ablate(args)
     if args.command == "bench":
         from companion import bench as benchmarks
 
@@ -83,6 +93,27 @@ def main(argv: list[str] | None = None) -> int:
         getattr(benchmarks, f"bench_{args.what}")(device=args.device)
     else:
         return _train(args)
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    """``ablate cnn|vit``: the recipe with each ingredient changed, over seeds; a table of means and verdicts."""
+    import torch
+
+    from companion.ablation import INGREDIENTS, ablate, format_ablation
+    from companion.runtime import device
+
+    only = None if args.only is None else [name.strip() for name in args.only.split(",")]
+    if only is not None and set(only) - set(INGREDIENTS[args.what]):
+        known = "; ".join(INGREDIENTS[args.what])
+        print(f"python -m companion ablate: error: unknown ingredients {only}; choose from: {known}", file=sys.stderr)
+        return 2
+    quick_mode = args.quick or quick()
+    rows = ablate(args.what, args.seeds, quick_mode, args.epochs, only, root=args.data)
+    mode = "quick" if quick_mode else "full"
+    print(f"Ablation of the {args.what} recipe, {mode} mode, {args.seeds} seeds (accuracy with the recipe's TTA)")
+    print(format_ablation(rows))
+    print(f"device {device()} | torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     return 0
 
 

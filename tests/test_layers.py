@@ -17,6 +17,7 @@ LAYERS = [
     {"train"},
     {"bench"},
     {"recipes"},
+    {"ablation"},
     {"grading", "exercises", "_runner"},
     {"__main__", "__init__"},
 ]
