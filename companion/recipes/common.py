@@ -94,6 +94,12 @@ class Recipe:
             if bad:
                 raise ValueError(f"{type(self).__name__}.{name} must be {allowed}, got {getattr(self, name)!r}")
 
+    def __getattr__(self, name: str) -> Any:
+        """Read a ``TrainConfig`` setting through the recipe: ``recipe.lr`` is ``recipe.train.lr``."""
+        if name != "train" and name in TrainConfig.__dataclass_fields__:
+            return getattr(self.train, name)
+        raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
+
     def replace(self: R, **changes: Any) -> R:
         """This recipe with ``changes``: each name is a field of the recipe or of its ``TrainConfig``."""
         train_fields = {f.name for f in fields(TrainConfig)}
