@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -84,3 +85,81 @@ def test_empty_table_header_row_dropped() -> None:
 
 def test_mode_line_counts_the_threads_in_words(one_thread: None) -> None:
     assert companion.mode_line().endswith(", 1 CPU thread")  # not "1 CPU threads"
+
+
+def run_results_page(records: Path) -> list[str]:
+    """Execute the Results page's notebook over the records in ``records``; return its Markdown outputs."""
+    nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
+    book = Path(__file__).resolve().parents[1] / "book"
+    nb = nbformat.read(book / "results.ipynb", as_version=4)
+    env = {"COMPANION_RECORDS": str(records), "COMPANION_QUICK": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        nbclient.NotebookClient(nb, timeout=120, resources={"metadata": {"path": str(book)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], outputs
+    return [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The body rows of the first table in ``markdown``, each cell's text as a reader sees it."""
+    from markdown_it import MarkdownIt
+    from mdit_py_plugins.dollarmath import dollarmath_plugin
+
+    tokens = MarkdownIt("commonmark").enable("table").use(dollarmath_plugin).parse(markdown)
+    rows, row, body = [], None, False
+    for token in tokens:
+        body = body or token.type == "tbody_open"
+        if body and token.type == "tr_open":
+            row = []
+        elif body and token.type == "inline":
+            row.append("".join(child.content for child in token.children if child.type == "text"))
+        elif body and token.type == "tr_close":
+            rows.append(row)
+    return rows
+
+
+GOOD = {
+    "model": "FastCNN(32, 64, 128)",
+    "mode": "quick",
+    "chapter": "chapters/03_cnn",
+    "test_acc": 0.5,
+    "epochs": 2,
+    "n_train": 2000,
+    "train_seconds": 12.0,
+    "device": "cpu",
+    "threads": 2,
+    "torch": "2.14.1",
+    "date": "2026-12-01T10:00:00+00:00",
+}
+
+
+def test_results_page_labels_rows_skips_bad_records_and_escapes_text(tmp_path: Path) -> None:
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "a-good.json").write_text(json.dumps(GOOD))
+    odd = {**GOOD, "model": "Net|$x$ *b* <i>", "chapter": None, "date": "2026-12-01T11:00:00+00:00"}
+    (records / "b-odd-title.json").write_text(json.dumps(odd))
+    (records / "c-broken.json").write_text('{"model": "half a reco')
+    (records / "d-empty.json").write_text("{}")
+    (records / "e-nan.json").write_text(json.dumps({**GOOD, "test_acc": float("nan")}))
+    (records / "f-list.json").write_text("[1, 2]")
+    shown = "\n\n".join(run_results_page(records))
+    rows = table_rows(shown)
+    assert [row[:3] for row in rows] == [["3", "FastCNN(32, 64, 128)", "quick"], ["–", "Net|$x$ *b* <i>", "quick"]]
+    assert rows[0][3].startswith("50.00%")
+    for name in ["c-broken.json", "d-empty.json", "e-nan.json", "f-list.json"]:
+        assert f"{name}" in shown.replace("\\", ""), f"{name} skipped without a word"
+    assert "a-good.json" not in shown and "b-odd-title.json" not in shown
+
+
+def test_records_written_during_a_build_name_their_chapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from companion.records import read_records, write_record
+
+    monkeypatch.setenv("COMPANION_RECORDS", str(tmp_path))
+    monkeypatch.delenv("COMPANION_CHAPTER", raising=False)
+    write_record({"model": "cli run"}, "cli")
+    book_build.name_the_chapter(None, "chapters/03_cnn", [""])  # what the build does before executing a page
+    write_record({"model": "chapter run"}, "chapter")
+    assert {r["name"]: r.get("chapter") for r in read_records()} == {"chapter": "chapters/03_cnn", "cli": None}

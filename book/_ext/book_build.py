@@ -8,6 +8,8 @@
 - The results page is built from the JSON records the chapters write while they execute, so it is read (and
   executed, its notebook metadata asks for ``force``) after every other page, and on every build.
 - Markdown tables written without a header (``| | |`` then ``|---|---|``) lose their empty, shaded header row.
+- Each notebook is executed with ``COMPANION_CHAPTER`` set to its page (``chapters/03_cnn``), so the result records
+  it writes name their chapter on the Results page.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ def results_last(app: Sphinx, env: BuildEnvironment, docnames: list[str]) -> Non
         docnames.append(RESULTS_PAGE)
 
 
+def name_the_chapter(app: Sphinx, docname: str, source: list[str]) -> None:
+    """Tell the kernel about to execute ``docname`` which page it is: records written by its code name the chapter."""
+    os.environ["COMPANION_CHAPTER"] = docname
+
+
 def drop_empty_table_headers(app: Sphinx, doctree: nodes.document) -> None:
     """Remove a table's header row when every cell of it is empty."""
     for thead in list(doctree.findall(nodes.thead)):
@@ -66,5 +73,6 @@ def setup(app: Sphinx) -> dict:
     app.connect("config-inited", set_cache_path, priority=400)
     app.connect("env-get-outdated", results_outdated)
     app.connect("env-before-read-docs", results_last)
+    app.connect("source-read", name_the_chapter)
     app.connect("doctree-read", drop_empty_table_headers)
     return {"parallel_read_safe": False, "parallel_write_safe": True}
