@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from docutils.core import publish_doctree
 from pybtex.database import parse_string
+from sphinx.errors import ExtensionError
 
 import companion
 
@@ -163,3 +167,74 @@ def test_records_written_during_a_build_name_their_chapter(tmp_path: Path, monke
     book_build.name_the_chapter(None, "chapters/03_cnn", [""])  # what the build does before executing a page
     write_record({"model": "chapter run"}, "chapter")
     assert {r["name"]: r.get("chapter") for r in read_records()} == {"chapter": "chapters/03_cnn", "cli": None}
+
+
+def config_with_buttons_off() -> SimpleNamespace:
+    """The theme options Jupyter Book derives from book/_config.yml (buttons off, no URL)."""
+    options = {"launch_buttons": {"thebe": False, "binderhub_url": "", "colab_url": ""}, "repository_url": ""}
+    options.update(use_repository_button=False, use_issues_button=False, use_edit_page_button=False)
+    return SimpleNamespace(html_theme_options=options)
+
+
+@pytest.fixture
+def no_repository(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ["BOOK_REPOSITORY_URL", "BOOK_REPOSITORY_BRANCH", "GITHUB_REPOSITORY", "GITHUB_SERVER_URL"]:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_without_a_repository_url_the_buttons_stay_off(no_repository: pytest.MonkeyPatch) -> None:
+    config = config_with_buttons_off()
+    before = json.dumps(config.html_theme_options, sort_keys=True)
+    book_build.repository_buttons(None, config)
+    assert json.dumps(config.html_theme_options, sort_keys=True) == before
+    yml = (Path(__file__).resolve().parents[1] / "book" / "_config.yml").read_text()
+    assert "github.com/" not in yml and 'binderhub_url: ""' in yml  # the sources name no URL
+
+
+def test_github_actions_variables_turn_the_buttons_on(no_repository: pytest.MonkeyPatch) -> None:
+    no_repository.setenv("GITHUB_SERVER_URL", "https://github.com")
+    no_repository.setenv("GITHUB_REPOSITORY", "someone/attention-book")
+    config = config_with_buttons_off()
+    book_build.repository_buttons(None, config)
+    options = config.html_theme_options
+    assert options["repository_url"] == "https://github.com/someone/attention-book"
+    assert options["repository_branch"] == "main" and options["path_to_docs"] == ""
+    assert options["use_repository_button"] and options["use_issues_button"]
+    assert not options["use_edit_page_button"]
+    assert options["launch_buttons"]["binderhub_url"] == "https://mybinder.org"
+    assert options["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert options["launch_buttons"]["thebe"] is False
+
+
+def test_book_repository_url_wins_and_a_bad_one_is_refused(no_repository: pytest.MonkeyPatch) -> None:
+    no_repository.setenv("GITHUB_REPOSITORY", "someone/attention-book")
+    no_repository.setenv("BOOK_REPOSITORY_URL", "https://gitlab.example.org/group/book/")
+    no_repository.setenv("BOOK_REPOSITORY_BRANCH", "release")
+    config = config_with_buttons_off()
+    book_build.repository_buttons(None, config)
+    assert config.html_theme_options["repository_url"] == "https://gitlab.example.org/group/book"
+    assert config.html_theme_options["repository_branch"] == "release"
+    no_repository.setenv("BOOK_REPOSITORY_URL", "github.com/someone/book")
+    with pytest.raises(ExtensionError, match="not an http"):
+        book_build.repository_buttons(None, config_with_buttons_off())
+
+
+def test_the_build_draws_figures_in_the_book_style(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MATPLOTLIBRC", raising=False)
+    root = Path(__file__).resolve().parents[1]
+    book_build.use_book_figure_style(SimpleNamespace(srcdir=str(root)), None)
+    rc = os.environ["MATPLOTLIBRC"]
+    assert Path(rc) == root / "book" / "matplotlibrc"
+    code = "import matplotlib; print(matplotlib.matplotlib_fname(), matplotlib.rcParams['figure.figsize'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == rc and "[7.0, 3.6]" in out
+    from companion.viz import MAX_WIDTH
+
+    assert 7.0 <= MAX_WIDTH  # a default figure is no wider than the helpers' widest
+    (tmp_path / "companion").mkdir()
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "matplotlibrc").write_text("font.size: 11\n")
+    key = book_build.source_key(tmp_path)
+    (tmp_path / "book" / "matplotlibrc").write_text("font.size: 12\n")
+    assert book_build.source_key(tmp_path) != key  # a new style draws the figures again
