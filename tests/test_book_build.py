@@ -61,6 +61,7 @@ BIB = """
 @article{a3, author = {Xu, Kelvin and Ba, Jimmy}, title = {T3}, journal = {J}, year = {2015}}
 @misc{a4, author = {Jordan, Keller}, title = {T4}, year = {2024}}
 @misc{a5, author = {{LeCun}, Yann and Bottou, L{\\'e}on and Bengio, Yoshua}, title = {T5}, year = {1998}}
+@misc{a6, author = {M{\\"u}ller, Samuel G. and Hutter, Frank}, title = {T6}, year = {2021}}
 """
 
 
@@ -73,6 +74,7 @@ def test_author_year_labels_are_unique() -> None:
         "Xu and Ba, 2015b",
         "Jordan, 2024",
         "LeCun et al., 1998",
+        "Müller and Hutter, 2021",  # the name's LaTeX accent decoded, not shown raw
     ]
 
 

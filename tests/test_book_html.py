@@ -200,7 +200,7 @@ def test_bibliography_author_year_with_links(root: Path) -> None:
     for label in labels:
         assert re.fullmatch(r"[^\[\]]+, (\d{4}|n\.d\.)[a-z]?", label), f"not an author-year label: {label!r}"
     text = doc.get_text()
-    assert "$" not in text, "raw LaTeX in the bibliography"
+    assert "$" not in text and "\\" not in text, "raw LaTeX in the bibliography"
     arxiv = [a["href"] for a in doc.find_all("a", href=True) if "arxiv.org/abs/" in a["href"]]
     assert "https://arxiv.org/abs/2404.00498" in arxiv, arxiv
     for number in doc.find_all(string=re.compile(r"arXiv:\d{4}\.\d{4,5}")):
