@@ -173,6 +173,14 @@ def test_results_page_first_line_says_the_mode(root: Path) -> None:
     assert "skipped" not in article.get_text(), "a record file of this build could not be read"
 
 
+def test_landing_page_links_every_chapter(root: Path) -> None:
+    article = soup(root / "book" / "intro.html").select_one("article")
+    targets = {urlsplit(a["href"]).path for a in article.find_all("a", href=True)}
+    for name in CHAPTERS:
+        assert f"../chapters/{name}.html" in targets, f"the landing page's text does not link {name}"
+    assert "results.html" in targets
+
+
 def test_no_stray_python_reprs_in_outputs(root: Path) -> None:
     stray = re.compile(r"^(Text\(|<Figure size|\[<matplotlib|<matplotlib)", re.MULTILINE)
     for name in CHAPTERS:
