@@ -173,6 +173,21 @@ def test_results_page_first_line_says_the_mode(root: Path) -> None:
     assert "skipped" not in article.get_text(), "a record file of this build could not be read"
 
 
+def test_api_reference_documents_what_a_student_imports(root: Path) -> None:
+    ids = anchors(root / "book" / "api.html")
+    for name in [
+        "companion.train.fit",
+        "companion.train.evaluate",
+        "companion.data.load_cifar10",
+        "companion.viz.show_table",
+        "companion.models.vit.ViT",
+        "companion.recipes.vit.VitRecipe",
+    ]:
+        assert name in ids, f"the API page does not document {name}"
+    text = soup(root / "book" / "api.html").select_one("article").get_text()
+    assert "Train model on train_data" in text, "fit's docstring is not on the API page"
+
+
 def test_landing_page_links_every_chapter(root: Path) -> None:
     article = soup(root / "book" / "intro.html").select_one("article")
     targets = {urlsplit(a["href"]).path for a in article.find_all("a", href=True)}
