@@ -292,6 +292,20 @@ def test_phone_menu_and_contents_open_and_close(
     assert not errors, errors
 
 
+@pytest.mark.parametrize("width", WIDTHS)
+def test_one_search_control(server: str, browser: tuple[object, list[str]], width: int) -> None:
+    context, _ = browser
+    errors: list[str] = []
+    page = open_page(context, f"{server}/chapters/02_self_attention.html", width, errors)
+    shown = [b for b in page.locator(".search-button, .search-button-field, form.bd-search").all() if b.is_visible()]
+    assert len(shown) == 1, f"{len(shown)} search boxes or buttons shown at {width} px"
+    shown[0].click()
+    page.wait_for_timeout(300)
+    assert page.locator("#pst-search-dialog input[name=q]").is_visible(), "the search button opens no search field"
+    page.close()
+    assert not errors, errors
+
+
 def test_desktop_menu_button_hides_and_shows_the_chapter_list(server: str, browser: tuple[object, list[str]]) -> None:
     context, _ = browser
     errors: list[str] = []
