@@ -97,6 +97,9 @@ def test_every_image_is_present(root: Path) -> None:
     for page in pages(root):
         for img in soup(page).find_all("img"):
             src = img.get("src", "")
+            alt = (img.get("alt") or "").strip()
+            if not alt or re.search(r"\.(png|jpe?g|svg|gif)$", alt, re.IGNORECASE):
+                missing.append(f"{page.relative_to(root)}: {src} has no description (alt text {alt!r})")
             if src.startswith("data:"):
                 count += 1
                 continue
