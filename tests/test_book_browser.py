@@ -61,6 +61,7 @@ class Page:
     ids: set[str] = field(default_factory=set)
     page_width: int = 0
     wrapped_outputs: list[str] = field(default_factory=list)
+    cut_equations: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
 
 
@@ -161,6 +162,14 @@ READ_PAGE = """() => {
     pre.style.whiteSpace = saved;
     if (before > unwrapped + 1) out.wrapped.push(pre.textContent.split('\\n').find(l => l.length > 40) || '');
   }
+  out.cut = [];
+  for (const el of document.querySelectorAll('mjx-container[display="true"]')) {
+    if (el.scrollWidth <= el.clientWidth + 1) continue;  // fits
+    const style = getComputedStyle(el);
+    const scrolls = ['auto', 'scroll'].includes(style.overflowX);
+    const hint = style.backgroundImage.includes('gradient');
+    if (!scrolls || !hint) out.cut.push((el.getAttribute('aria-label') || el.textContent).slice(0, 60));
+  }
   out.width = Math.max(document.documentElement.scrollWidth, document.body.scrollWidth);
   return out;
 }"""
@@ -203,6 +212,7 @@ def rendered(root: Path, server: str, browser: tuple[object, list[str]]) -> list
             shown.ids = set(data["ids"])
             shown.page_width = data["width"]
             shown.wrapped_outputs = data["wrapped"]
+            shown.cut_equations = data["cut"]
             results.append(shown)
     return results
 
@@ -249,6 +259,12 @@ def test_no_page_wider_than_a_phone(rendered: list[Page]) -> None:
     problems = [
         f"{p.path}: {p.page_width} px wide at 375 px" for p in rendered if p.width == 375 and p.page_width > 375
     ]
+    assert not problems, report(problems)
+
+
+def test_wide_equations_scroll_with_a_hint(rendered: list[Page]) -> None:
+    """A display equation wider than the column scrolls sideways and shows a shadow at the edge that has more."""
+    problems = [f"{p.path} @{p.width}: cut without a hint {m!r}" for p in rendered for m in p.cut_equations]
     assert not problems, report(problems)
 
 
