@@ -224,10 +224,8 @@ def test_book_repository_url_wins_and_a_bad_one_is_refused(no_repository: pytest
 
 def test_the_build_draws_figures_in_the_book_style(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MATPLOTLIBRC", raising=False)
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     root = Path(__file__).resolve().parents[1]
-    book_build.kernel_environment(SimpleNamespace(srcdir=str(root)), None)
-    assert os.environ["TQDM_DISABLE"] == "1"  # no progress bars (widgets, where ipywidgets is installed) in the book
+    book_build.use_book_figure_style(SimpleNamespace(srcdir=str(root)), None)
     rc = os.environ["MATPLOTLIBRC"]
     assert Path(rc) == root / "book" / "matplotlibrc"
     code = "import matplotlib; print(matplotlib.matplotlib_fname(), matplotlib.rcParams['figure.figsize'])"

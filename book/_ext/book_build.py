@@ -9,8 +9,7 @@
   executed, its notebook metadata asks for ``force``) after every other page, and on every build.
 - Markdown tables written without a header (``| | |`` then ``|---|---|``) lose their empty, shaded header row.
 - The notebooks draw their figures in the book's style: ``MATPLOTLIBRC`` points at ``book/matplotlibrc`` (sizes and
-  fonts for the text column), which is also part of the cache key, as is this file; progress bars are off
-  (``TQDM_DISABLE=1``).
+  fonts for the text column), which is also part of the cache key.
 - The repository, issue and launch (Binder, Colab) buttons are turned on only when the build is told the
   repository's URL: ``BOOK_REPOSITORY_URL``, or ``GITHUB_SERVER_URL``/``GITHUB_REPOSITORY`` (set by GitHub
   Actions). Without it they stay off: the sources never name a URL of their own.
@@ -38,10 +37,9 @@ COLAB = "https://colab.research.google.com"
 
 
 def source_key(srcdir: Path) -> str:
-    """Return ``quick-<hash>`` or ``full-<hash>``: the mode and a hash of the package, requirements and build set-up."""
+    """Return ``quick-<hash>`` or ``full-<hash>``: the mode and a hash of the package, requirements and figure style."""
     digest = hashlib.sha256()
     files = sorted((srcdir / "companion").rglob("*.py")) + [srcdir / "requirements.txt", srcdir / MATPLOTLIBRC]
-    files.append(srcdir / "book" / "_ext" / "book_build.py")  # the kernels' environment is set here
     for path in files:
         if path.is_file():
             digest.update(path.relative_to(srcdir).as_posix().encode())
@@ -57,14 +55,9 @@ def set_cache_path(app: Sphinx, config: Config) -> None:
         config.nb_execution_cache_path = str(folder)
 
 
-def kernel_environment(app: Sphinx, config: Config) -> None:
-    """Set up the kernels the build starts: the book's matplotlibrc, and no progress bars.
-
-    A progress bar is for watching a run live; in the book it would be noise, and where ipywidgets is installed
-    ``tqdm.auto`` draws it as a widget, whose scripts myst-nb loads from outside hosts (the book must read offline).
-    """
+def use_book_figure_style(app: Sphinx, config: Config) -> None:
+    """Point the kernels the build starts at the book's matplotlibrc (unless MATPLOTLIBRC is set already)."""
     os.environ.setdefault("MATPLOTLIBRC", str(Path(app.srcdir) / MATPLOTLIBRC))
-    os.environ["TQDM_DISABLE"] = "1"
 
 
 def repository_url() -> str | None:
@@ -122,7 +115,7 @@ def drop_empty_table_headers(app: Sphinx, doctree: nodes.document) -> None:
 
 def setup(app: Sphinx) -> dict:
     app.connect("config-inited", set_cache_path, priority=400)
-    app.connect("config-inited", kernel_environment)
+    app.connect("config-inited", use_book_figure_style)
     app.connect("config-inited", repository_buttons)
     app.connect("env-get-outdated", results_outdated)
     app.connect("env-before-read-docs", results_last)
