@@ -30,14 +30,17 @@ _EXPORTS = {
     "show_source": "companion.viz",
 }
 _SUBMODULES = (
+    "ablation",
     "attention",
     "augment",
     "bench",
-    "checks",
+    "callbacks",
+    "checkpoint",
     "conv",
     "data",
     "distributed",
     "exercises",
+    "files",
     "grading",
     "llm",
     "models",
@@ -46,7 +49,9 @@ _SUBMODULES = (
     "records",
     "runtime",
     "train",
+    "validation",
     "viz",
+    "vocab",
 )
 
 __all__ = ["device", "mode_line", "quick", "seed_everything", *_EXPORTS]

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from companion import distributed, exercises
-from companion.runtime import quick
+from companion.runtime import env_flag, quick
 
 
 def positive_int(text: str) -> int:
@@ -21,6 +22,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, a whole number from 0 to 2**32 - 1 (what NumPy's generator accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number from 0 to 4294967295, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"from 0 to 4294967295, got {value}")
     return value
 
 
@@ -40,16 +52,36 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--quick", action="store_true", help="small subset and few epochs (also COMPANION_QUICK=1)")
     train.add_argument("--epochs", type=positive_int, default=None, help="override the recipe's number of epochs")
     train.add_argument("--data", default=None, help="data root (default: $COMPANION_DATA or the user cache)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=seed_int, default=0, help="seed of everything random (default 0)")
     train.add_argument(
-        "--save", default=None, help="write the trained weights to this .safetensors file (its folder must exist)"
+        "--save",
+        default=None,
+        help="write the trained weights to this .safetensors file (its folder must exist); also writes a checkpoint "
+        "beside it after every epoch (NAME.ckpt), unless --checkpoint says where",
     )
+    train.add_argument(
+        "--checkpoint", default=None, help="write a checkpoint to this file after every epoch (default with --save)"
+    )
+    train.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an existing weights or checkpoint file (never by default)"
+    )
+
+    ablate = sub.add_parser("ablate", help="train a recipe with each ingredient changed in turn, over seeds")
+    ablate.add_argument("what", choices=["cnn", "vit"])
+    ablate.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 for every variant (default 3)")
+    ablate.add_argument("--quick", action="store_true", help="small subset and few epochs (also COMPANION_QUICK=1)")
+    ablate.add_argument("--epochs", type=positive_int, default=None, help="override the recipe's number of epochs")
+    ablate.add_argument("--data", default=None, help="data root (default: $COMPANION_DATA or the user cache)")
+    ablate.add_argument("--only", default=None, help="comma-separated ingredient names (default: all)")
 
     exercises.add_parser(sub)
 
     args = parser.parse_args(argv)
     if args.command == "exercises":
         return exercises.main(args)
+    if args.command == "ablate":
+        return _ablate(args)
     if args.command == "bench":
         from companion import bench as benchmarks
 
@@ -60,18 +92,70 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(str(err))
         getattr(benchmarks, f"bench_{args.what}")(device=args.device)
     else:
-        from companion.recipes.common import weights_path
+        return _train(args)
+    return 0
 
-        if args.save is not None:
-            try:
-                args.save = weights_path(args.save)  # before any data loads or training starts
-            except OSError as err:
-                parser.error(str(err))
-        recipe = importlib.import_module(f"companion.recipes.{args.what}")
+
+def _ablate(args: argparse.Namespace) -> int:
+    """``ablate cnn|vit``: the recipe with each ingredient changed, over seeds; a table of means and verdicts."""
+    import torch
+
+    from companion.ablation import INGREDIENTS, ablate, format_ablation
+    from companion.runtime import device
+
+    only = None if args.only is None else [name.strip() for name in args.only.split(",")]
+    if only is not None and set(only) - set(INGREDIENTS[args.what]):
+        known = "; ".join(INGREDIENTS[args.what])
+        print(f"python -m companion ablate: error: unknown ingredients {only}; choose from: {known}", file=sys.stderr)
+        return 2
+    quick_mode = args.quick or quick()
+    rows = ablate(args.what, args.seeds, quick_mode, args.epochs, only, root=args.data)
+    mode = "quick" if quick_mode else "full"
+    print(f"Ablation of the {args.what} recipe, {mode} mode, {args.seeds} seeds (accuracy with the recipe's TTA)")
+    print(format_ablation(rows))
+    print(f"device {device()} | torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``train cnn|vit|llm``: the recipe's run; one-line errors for bad paths and checkpoints; 128+N on signal N."""
+    from companion.checkpoint import ResumeError
+    from companion.data import DataError
+    from companion.train import TrainingInterrupted
+
+    try:  # the environment's flags, before anything loads: a value they do not know is a usage error
+        quick_mode = args.quick or quick()
+        for flag in ("COMPANION_DOWNLOAD", "COMPANION_ALLOW_PARTIAL"):
+            env_flag(flag)
+    except ValueError as err:
+        print(f"python -m companion train: error: {err}", file=sys.stderr)
+        return 2
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.save is not None:  # beside the weights: vit.safetensors -> vit.ckpt
+        checkpoint = Path(args.save).with_suffix("").with_suffix(".ckpt")
+    if checkpoint is None and args.resume is not None:  # a resumed run goes on writing to the file it resumed from
+        checkpoint = args.resume
+    recipe = importlib.import_module(f"companion.recipes.{args.what}")
+    try:
         with distributed.process_group():  # under torchrun: data-parallel training, one result line from rank 0
             getattr(recipe, f"train_{args.what}")(
-                quick=args.quick or quick(), epochs=args.epochs, root=args.data, seed=args.seed, save=args.save
+                quick=quick_mode,
+                epochs=args.epochs,
+                root=args.data,
+                seed=args.seed,
+                save=args.save,
+                overwrite=args.overwrite,
+                checkpoint=checkpoint,
+                resume_from=args.resume,
             )
+    except TrainingInterrupted as stop:
+        return stop.exit_code  # what was trained is saved; the message said where
+    except KeyboardInterrupt:  # Ctrl-C before training started, or while the finished run was saving (it saved)
+        print("python -m companion train: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, DataError, ResumeError) as err:  # paths, files, the data copy, a checkpoint: said in one line
+        print(f"python -m companion train: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from companion.checks import check_divides
+from companion.validation import validate_divides, validate_int, validate_positive
 
 __all__ = [
     "LearnedPositionEmbedding",
@@ -87,7 +87,7 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, sca
     """The attention weights ``softmax(q k^T / sqrt(d_k) + attn_mask)`` over the keys, shape (..., N, M)."""
     shape = _scores_shape(q, k)
     attn_mask = _check_mask(attn_mask, shape, q.dtype)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else _check_scale(scale)
     scores = q @ k.transpose(-2, -1) * scale  # (..., N, M)
     if attn_mask is None:
         return torch.softmax(scores, dim=-1)
@@ -98,6 +98,10 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, sca
     blocked = scores.amax(dim=-1, keepdim=True) == float("-inf")  # (..., N, 1): rows with no key left
     weights = torch.softmax(scores.masked_fill(blocked, 0.0), dim=-1)  # finite everywhere, also in gradients
     return weights.masked_fill(blocked, 0.0)
+
+
+def _check_scale(scale: float) -> float:
+    return validate_positive(scale, "scale", " (the factor on q k^T), or None for 1 / sqrt(d_k)")
 
 
 def _check_dropout(p: float, name: str) -> None:
@@ -126,6 +130,8 @@ def scaled_dot_product_attention(
     shape = _scores_shape(q, k, v)
     attn_mask = _check_mask(attn_mask, shape, q.dtype)
     _check_dropout(dropout_p, "dropout_p")
+    if scale is not None:
+        _check_scale(scale)
     if fused and not return_attention:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
     weights = attention_weights(q, k, attn_mask, scale)  # (..., N, M)
@@ -137,7 +143,8 @@ def scaled_dot_product_attention(
 
 def causal_mask(n: int, m: int | None = None, device: torch.device | str | None = None) -> Tensor:
     """Boolean (n, m) mask, True = attend, that lets query i see keys 0..i only (lower triangle)."""
-    m = n if m is None else m
+    validate_int(n, "n", minimum=0)
+    m = n if m is None else validate_int(m, "m", minimum=0)
     return torch.ones(n, m, dtype=torch.bool, device=device).tril()
 
 
@@ -149,8 +156,13 @@ def padding_mask(lengths: Tensor | list[int], max_len: int | None = None) -> Ten
     ``key_padding_mask=~padding_mask(lengths)`` (True = ignore, as ``nn.MultiheadAttention``).
     """
     lengths = torch.as_tensor(lengths)
-    max_len = int(lengths.max()) if max_len is None else max_len
-    if lengths.ndim != 1 or int(lengths.min()) < 0 or int(lengths.max()) > max_len:
+    lengths = lengths if lengths.numel() else lengths.long()  # [] is a float tensor: no sequences, no error
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be integers (token counts), got {lengths.dtype}")
+    if max_len is None:
+        max_len = int(lengths.max()) if lengths.numel() else 0
+    validate_int(max_len, "max_len", minimum=0)
+    if lengths.ndim != 1 or (lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > max_len)):
         raise ValueError(f"lengths must be a 1-D list of integers in 0..{max_len}, got {lengths.tolist()}")
     return torch.arange(max_len, device=lengths.device) < lengths[:, None]
 
@@ -172,10 +184,11 @@ class MultiHeadAttention(nn.Module):
         vdim: int | None = None,
     ) -> None:
         super().__init__()
-        check_divides(dim, num_heads, "dim", "num_heads", "each head gets dim // num_heads channels")
+        validate_divides(dim, num_heads, "dim", "num_heads", "each head gets dim // num_heads channels")
         _check_dropout(dropout, "dropout")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.kdim, self.vdim = kdim or dim, vdim or dim
+        self.kdim = dim if kdim is None else validate_int(kdim, "kdim")  # 0 was taken for None: the wrong width
+        self.vdim = dim if vdim is None else validate_int(vdim, "vdim")
         self.dropout = dropout
         self.q_proj = nn.Linear(dim, dim, bias=bias)
         self.k_proj = nn.Linear(self.kdim, dim, bias=bias)
@@ -295,8 +308,11 @@ def sinusoidal_position_encoding(n: int, dim: int, base: float = 10000.0) -> Ten
 
     The frequencies are ``w_i = base ** (-2i / dim)``, from 1 down to nearly ``1 / base``.
     """
-    if dim % 2 != 0 or dim < 2:
+    validate_int(n, "n", minimum=0)
+    if validate_int(dim, "dim", minimum=None) % 2 != 0 or dim < 2:
         raise ValueError(f"dim must be a positive even number (sine/cosine pairs), got {dim}")
+    if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 1):
+        raise ValueError(f"base must be a finite number above 1 (the longest wavelength is 2 pi base), got {base!r}")
     position = torch.arange(n, dtype=torch.float64)[:, None]  # (n, 1)
     freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim / 2,)
     angle = position * freq  # (n, dim / 2)
@@ -306,7 +322,8 @@ def sinusoidal_position_encoding(n: int, dim: int, base: float = 10000.0) -> Ten
 
 def sinusoidal_position_encoding_2d(h: int, w: int, dim: int, base: float = 10000.0) -> Tensor:
     """Fixed encodings of an h x w grid, (h * w, dim), row-major: half the channels encode the row, half the column."""
-    if dim % 4 != 0 or dim < 4:
+    validate_int(h, "h", minimum=0), validate_int(w, "w", minimum=0)
+    if validate_int(dim, "dim", minimum=None) % 4 != 0 or dim < 4:
         raise ValueError(
             f"dim must be a positive multiple of 4 (half for rows, half for columns, each in sine/cosine pairs), "
             f"got {dim}"
@@ -322,6 +339,7 @@ class LearnedPositionEmbedding(nn.Module):
 
     def __init__(self, n: int, dim: int, std: float = 0.02) -> None:
         super().__init__()
+        validate_int(n, "n"), validate_int(dim, "dim"), validate_positive(std, "std", " (of the initial values)")
         self.weight = nn.Parameter(torch.empty(n, dim))
         nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
 

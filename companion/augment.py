@@ -24,7 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["OPS", "AugmentLoader", "apply_op", "cutmix", "mixup", "one_hot", "random_ops", "translate", "tta_logits"]
+__all__ = [
+    "OPS",
+    "AugmentLoader",
+    "ErasingLoader",
+    "apply_op",
+    "cutmix",
+    "mixup",
+    "one_hot",
+    "random_ops",
+    "translate",
+    "tta_logits",
+]
 
 # name -> what magnitude 1 means; magnitudes are in [0, 1] (TrivialAugment's full range), with a random sign
 # where the op has two directions.
@@ -182,7 +193,35 @@ def _cutmix_box(lam: float, H: int, W: int, generator: torch.Generator) -> tuple
     return top, left, bottom - top, right - left
 
 
-class AugmentLoader:
+class _Wrapper:
+    """A loader that wraps another and draws from a random generator of its own: length, labels and a checkpointable
+    random state (its own and the wrapped loader's) are the wrapped loader's plus this generator."""
+
+    def __init__(self, loader, seed: int) -> None:
+        self.loader = loader
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def labels(self) -> Tensor:
+        """The wrapped loader's labels (one per training image)."""
+        return self.loader.labels
+
+    def state_dict(self) -> dict:
+        """The random state of the next epoch (this loader's and the wrapped one's), for a checkpoint."""
+        inner = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+        return {"generator": self.generator.get_state(), "loader": inner}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a ``state_dict``."""
+        self.generator.set_state(state["generator"])
+        if state["loader"] is not None:
+            self.loader.load_state_dict(state["loader"])
+
+
+class AugmentLoader(_Wrapper):
     """Wrap a ``DeviceLoader``: random image ops, then mixup or cutmix, on the device; yields soft labels.
 
     Each batch is un-normalised with the loader's ``mean``/``std``, passed through :func:`random_ops`
@@ -208,18 +247,10 @@ class AugmentLoader:
                 f"alphas must be >= 0 (0 = off) and mix_prob in [0, 1]; got mixup_alpha={mixup_alpha}, "
                 f"cutmix_alpha={cutmix_alpha}, mix_prob={mix_prob}"
             )
-        self.loader, self.num_classes = loader, num_classes
+        super().__init__(loader, seed)
+        self.num_classes = num_classes
         self.ops, self.num_ops, self.magnitude = tuple(ops), num_ops, magnitude
         self.mixup_alpha, self.cutmix_alpha, self.mix_prob = mixup_alpha, cutmix_alpha, mix_prob
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def labels(self) -> Tensor:
-        """The wrapped loader's labels (one per training image)."""
-        return self.loader.labels
 
     def _beta(self, alpha: float) -> float:
         """A draw from Beta(alpha, alpha), seeded from this loader's generator (torch's Beta takes no generator)."""
@@ -248,6 +279,42 @@ class AugmentLoader:
             lam = self._beta(self.cutmix_alpha)
             return cutmix(x, y, _cutmix_box(lam, *x.shape[-2:], self.generator), perm)
         return mixup(x, y, self._beta(self.mixup_alpha), perm)
+
+
+class ErasingLoader(_Wrapper):
+    """Wrap a loader and erase one random rectangle (to 0, the mean after normalisation) in a fraction ``p`` of images.
+
+    Random erasing (Zhong et al., 2020) keeps the label valid, so the training loop needs no change.
+    The rectangle covers 2% to 25% of the image, with aspect ratio between 0.3 and 3.3.
+    """
+
+    def __init__(self, loader, p: float = 0.25, seed: int = 0) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p is a probability in [0, 1], got {p}")
+        super().__init__(loader, seed)
+        self.p = p
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            yield self.erase(x), y
+
+    def erase(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> the same batch with one rectangle zeroed in about a fraction p of the images."""
+        B, _, H, W = x.shape
+        g = self.generator
+        area = (0.02 + 0.23 * torch.rand(B, generator=g)) * H * W
+        ratio = torch.exp(torch.empty(B).uniform_(-1.2, 1.2, generator=g))  # log-uniform in [0.3, 3.3]
+        h = (area * ratio).sqrt().round().clamp(1, H).long()
+        w = (area / ratio).sqrt().round().clamp(1, W).long()
+        top = (torch.rand(B, generator=g) * (H - h + 1)).long()
+        left = (torch.rand(B, generator=g) * (W - w + 1)).long()
+        on = torch.rand(B, generator=g) < self.p
+        rows = torch.arange(H).view(1, H, 1)
+        cols = torch.arange(W).view(1, 1, W)
+        inside_rows = (rows >= top.view(B, 1, 1)) & (rows < (top + h).view(B, 1, 1))  # (B, H, 1)
+        inside_cols = (cols >= left.view(B, 1, 1)) & (cols < (left + w).view(B, 1, 1))  # (B, 1, W)
+        box = inside_rows & inside_cols & on.view(B, 1, 1)  # (B, H, W)
+        return x.masked_fill(box.to(x.device).unsqueeze(1), 0.0)
 
 
 def translate(x: Tensor, dy: int, dx: int) -> Tensor:

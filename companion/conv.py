@@ -29,9 +29,13 @@ Padding = int | tuple[int, int] | str
 
 def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
     """Turn an int or a pair of ints into a pair, checking that both are >= minimum."""
-    if isinstance(value, int):
+
+    def whole(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a size
+
+    if whole(value):
         pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(whole(v) for v in value):
         pair = (value[0], value[1])
     else:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -109,7 +113,7 @@ def _check_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     _check_4d(input, "conv2d")
     if weight.ndim != 4:
         raise ValueError(f"weight must have shape (C_out, C_in/groups, kH, kW), got shape {tuple(weight.shape)}")
-    if not isinstance(groups, int) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     C_in, C_out = input.shape[1], weight.shape[0]
     if C_in % groups or C_out % groups:
@@ -123,6 +127,9 @@ def _check_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         )
     if bias is not None and tuple(bias.shape) != (C_out,):
         raise ValueError(f"bias must have shape (C_out,) = ({C_out},), got {tuple(bias.shape)}")
+    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        got = f"input {input.dtype}, weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
+        raise TypeError(f"input, weight and bias must have one dtype (as in F.conv2d), got {got}; convert with .to()")
 
 
 def conv2d(
@@ -226,8 +233,8 @@ def avg_pool2d(
 def _as_2d(array: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     """A 2-D array as a floating-point tensor (integers become float64)."""
     tensor = torch.as_tensor(array)
-    if tensor.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (H, W), got shape {tuple(tensor.shape)}")
+    if tensor.ndim != 2 or not tensor.numel():
+        raise ValueError(f"{name} must be a 2-D array (H, W), not empty, got shape {tuple(tensor.shape)}")
     return tensor if tensor.is_floating_point() else tensor.double()
 
 

@@ -8,6 +8,11 @@
    or a ``.tar.gz`` of one (``cifar10-jpeg.tar.gz``, the offline copy of the book's machines);
 4. only when downloading is allowed: torchvision's download of the original.
 
+A copy must be complete (5,000 training and 1,000 test images of each of the 10 classes): a class-folder tree
+that is not is passed over for a copy after it, and any incomplete copy is refused, saying what it holds, unless
+``allow_partial=True`` (or ``COMPANION_ALLOW_PARTIAL=1``) asks for it; a partial copy's cache records its counts
+and is refused in the same way.
+
 The first source found is decoded once and cached as uint8 tensors (``cifar10-<split>-uint8-v2.pt`` in
 the root, or in the user cache when the root is read-only); later calls read the cache. The cache records
 its source (path, sizes, modification times, content hashes of archives and batch files) and a sha256 of
@@ -29,7 +34,6 @@ import os
 import pickle
 import sys
 import tarfile
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -42,13 +46,17 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from companion import distributed
+from companion.files import atomic_write
 from companion.runtime import device as best_device
+from companion.runtime import env_flag
 
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "DataError",
     "DataNotFoundError",
+    "CaptionBatches",
     "DeviceLoader",
     "ORDER_SEED",
     "data_root",
@@ -65,7 +73,12 @@ _TREE = "cifar10-jpeg"
 _BATCHES = "cifar-10-batches-py"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 _FORMAT = 2  # the cache's layout; a cache in any other format is decoded again, never trusted
+_PER_CLASS = {"train": 5_000, "test": 1_000}  # images of every class in a complete split
 ORDER_SEED = 0  # class-folder sources are shuffled by torch.randperm(N, generator=manual_seed(ORDER_SEED))
+
+
+class DataError(ValueError):
+    """A copy of the data set that cannot be used as it is (incomplete, damaged, wrong shapes); says what to do."""
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -73,8 +86,12 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
-    """Resolve the data root: the argument, else ``$COMPANION_DATA``, else a per-user cache folder."""
+    """Resolve the data root: the argument, else ``$COMPANION_DATA`` (empty = unset), else a per-user cache folder."""
     if root is not None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a folder's path (a str or os.PathLike) or None, got {root!r}")
+        if os.fspath(root) == "":
+            raise DataError("root='' is an empty path; give a folder, or None for $COMPANION_DATA or the user cache")
         return Path(root).expanduser()
     if os.environ.get("COMPANION_DATA"):
         return Path(os.environ["COMPANION_DATA"]).expanduser()
@@ -96,12 +113,12 @@ def _cache_paths(root: Path, split: str) -> list[Path]:
 
 def _check(images: torch.Tensor, labels: torch.Tensor, origin: str) -> tuple[torch.Tensor, torch.Tensor]:
     if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, 32, 32):
-        raise ValueError(
+        raise DataError(
             f"{origin}: expected uint8 images of shape (N, 3, 32, 32), got {tuple(images.shape)} {images.dtype}; "
             "this is not CIFAR-10 (delete the file or point COMPANION_DATA at a correct copy)"
         )
     if labels.shape != (images.shape[0],) or int(labels.min()) < 0 or int(labels.max()) > 9:
-        raise ValueError(f"{origin}: labels must be N integers in 0..9, one per image")
+        raise DataError(f"{origin}: labels must be N integers in 0..9, one per image")
     return images, labels.long()
 
 
@@ -216,7 +233,7 @@ def _cache_target(root: Path, split: str) -> Path | None:
 
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source: _Source) -> None:
-    """Write the cache atomically: a unique temporary file in the same folder, then ``os.replace``."""
+    """Write the cache atomically (``atomic_write``: a temporary file beside it, then renamed)."""
     blob = {
         "format": _FORMAT,
         "images": images.contiguous(),
@@ -225,15 +242,10 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source:
         "counts": torch.bincount(labels, minlength=10).tolist(),
         "source": source.identity(hashes=True),
     }
-    for stale in path.parent.glob(f".{path.stem}-*.tmp"):
-        stale.unlink(missing_ok=True)  # left by a process killed while writing (we hold the lock)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    for pattern in (f".{path.name}-*.tmp", f".{path.stem}-*.tmp"):  # the second: older versions' names
+        for stale in path.parent.glob(pattern):
+            stale.unlink(missing_ok=True)  # left by a process killed while writing (we hold the lock)
+    atomic_write(path, lambda f: torch.save(blob, f))  # mode from the umask: a shared data folder shares it
 
 
 def _batch_names(split: str) -> list[str]:
@@ -246,7 +258,7 @@ def _from_batches(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]
     for name in _batch_names(split):
         path = folder / name
         if not path.is_file():
-            raise ValueError(f"{folder} is incomplete: {name} is missing; delete the folder and download again")
+            raise DataError(f"{folder} is incomplete: {name} is missing; delete the folder and download again")
         try:
             with open(path, "rb") as f:
                 # The CIFAR-10 batches are pickles by design; only load copies you trust.
@@ -254,7 +266,7 @@ def _from_batches(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(batch["labels"])
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError) as err:
-            raise ValueError(
+            raise DataError(
                 f"{path} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}); the file is probably "
                 f"truncated or damaged: delete {folder} and download it again"
             ) from err
@@ -266,28 +278,28 @@ def _decode(data: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")
             if im.size != (32, 32):
-                raise ValueError(f"{name} is {im.size[0]}x{im.size[1]}, but CIFAR-10 images are 32x32")
+                raise DataError(f"{name} is {im.size[0]}x{im.size[1]}, but CIFAR-10 images are 32x32")
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{name} is not a readable image ({err})") from err
+        raise DataError(f"{name} is not a readable image ({err})") from err
 
 
 def _label_of(parts: tuple[str, ...], origin: str) -> int:
     cls = parts[-2]
     if cls not in CIFAR10_CLASSES:
-        raise ValueError(f"{origin}: unknown class folder {cls!r}; expected one of {', '.join(CIFAR10_CLASSES)}")
+        raise DataError(f"{origin}: unknown class folder {cls!r}; expected one of {', '.join(CIFAR10_CLASSES)}")
     return CIFAR10_CLASSES.index(cls)
 
 
 def _stack(items: list[tuple[str, int, np.ndarray]], origin: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of a class-folder source in the fixed order: sorted by (class, file name), then ORDER_SEED's shuffle."""
     if not items:
-        raise ValueError(f"{origin} holds no images for this split")
+        raise DataError(f"{origin} holds no images for this split")
     items.sort(key=lambda t: (t[1], t[0]))  # class order, then file name: deterministic
     missing = set(range(10)) - {label for _, label, _ in items}
     if missing:
         names = ", ".join(CIFAR10_CLASSES[i] for i in sorted(missing))
-        raise ValueError(f"{origin} has no images of class {names}; the copy is incomplete")
+        raise DataError(f"{origin} has no images of class {names}; the copy is incomplete")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(ORDER_SEED))
     images = torch.from_numpy(np.stack([items[i][2] for i in order]))
     labels = torch.tensor([items[i][1] for i in order])
@@ -327,7 +339,7 @@ def _from_archive(archive: Path, split: str) -> tuple[torch.Tensor, torch.Tensor
                 data = tar.extractfile(member).read()
                 items.append((member.name, _label_of(parts, str(archive)), _decode(data, f"{archive}:{member.name}")))
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise ValueError(
+        raise DataError(
             f"the archive {archive} is corrupt or truncated ({err}); check it with "
             f"'sha256sum -c {archive.name}.sha256' in its folder, or replace it with a good copy"
         ) from err
@@ -345,7 +357,7 @@ def _download(root: Path, split: str) -> None:
 def _download_allowed(download: bool | None) -> bool:
     if download is not None:
         return download
-    return os.environ.get("COMPANION_DOWNLOAD", "1").strip().lower() not in {"0", "false", "no", "off"}
+    return env_flag("COMPANION_DOWNLOAD", default=True)
 
 
 def _check_subset(subset: object) -> None:
@@ -359,31 +371,75 @@ def _balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
     Deterministic: each class's images are taken in the order of a fixed (seed 0) shuffle.
     """
     if not 0 < n <= len(labels):
-        raise ValueError(f"subset must be between 1 and {len(labels)}, got {n}")
+        raise DataError(f"subset must be between 1 and {len(labels)}, got {n}")
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     per_class = [order[labels[order] == c] for c in range(10)]
     take = [n // 10 + (1 if c < n % 10 else 0) for c in range(10)]
     for c, (idx, k) in enumerate(zip(per_class, take)):
         if len(idx) < k:
             fits = 10 * min(len(i) for i in per_class)
-            raise ValueError(
+            raise DataError(
                 f"subset={n} takes {k} images of class {CIFAR10_CLASSES[c]!r}, but this split holds only {len(idx)}; "
                 f"a class-balanced subset of this copy can have at most {fits} images (10 x the rarest class)"
             )
     return torch.cat([idx[:k] for idx, k in zip(per_class, take)]).sort().values
 
 
-def _find_source(root: Path, split: str) -> _Source | None:
-    """The first copy of CIFAR-10 in ``root``, in the order of this module's docstring (the cache aside)."""
+def _class_counts(files: list[Path]) -> list[int]:
+    """Images per class among a class-folder tree's files (files in unknown folders are counted nowhere)."""
+    counts = [0] * 10
+    for p in files:
+        if p.parent.name in CIFAR10_CLASSES:
+            counts[CIFAR10_CLASSES.index(p.parent.name)] += 1
+    return counts
+
+
+def _sources(root: Path, split: str) -> list[_Source]:
+    """Every copy of CIFAR-10 in ``root``, in the order of this module's docstring (the cache aside)."""
+    found = []
     if (root / _BATCHES).is_dir():
-        return _Source("python batches", root / _BATCHES, split)
+        found.append(_Source("python batches", root / _BATCHES, split))
     if _has_images(root / _TREE / split):
-        return _Source("folder", root / _TREE, split)
+        found.append(_Source("folder", root / _TREE, split))
     if any((root / split / c).is_dir() for c in CIFAR10_CLASSES) and _has_images(root / split):
-        return _Source("folder", root, split)
+        found.append(_Source("folder", root, split))
     if (root / _ARCHIVE).is_file():
-        return _Source("archive", root / _ARCHIVE, split)
-    return None
+        found.append(_Source("archive", root / _ARCHIVE, split))
+    return found
+
+
+def _find_source(root: Path, split: str) -> _Source | None:
+    """The first copy that may be complete: a class-folder tree is counted (cheap), the others are checked decoded.
+
+    A tree with other than 5,000 (train) or 1,000 (test) images of every class is passed over for a copy after it
+    (the complete archive beside a partial tree); with no other copy it is still returned, and refused or allowed
+    by ``_check_complete`` with the full count.
+    """
+    found = _sources(root, split)
+    for source in found:
+        if source.kind != "folder" or _class_counts(source.files()) == [_PER_CLASS[split]] * 10:
+            return source
+    return found[0] if found else None
+
+
+def _check_complete(labels: torch.Tensor, split: str, origin: str, allow_partial: bool) -> str:
+    """'' for the complete split; else what it holds (allowed) or a ValueError that says what is missing."""
+    counts = torch.bincount(labels, minlength=10).tolist()
+    want = _PER_CLASS[split]
+    if counts == [want] * 10:
+        return ""
+    held = f"{len(labels):,} images"
+    if len(set(counts)) == 1:
+        held += f", {counts[0]:,} of every class"
+    else:
+        held += " (" + ", ".join(f"{CIFAR10_CLASSES[c]} {n:,}" for c, n in enumerate(counts) if n != want) + ")"
+    if allow_partial:
+        return f"a partial copy of {held}"
+    raise DataError(
+        f"{origin} is not the complete CIFAR-10 {split} split: it holds {held}, where CIFAR-10 has "
+        f"{10 * want:,} ({want:,} of every class); point the loader at a complete copy, or pass "
+        "allow_partial=True (or set COMPANION_ALLOW_PARTIAL=1) to use this one as it is"
+    )
 
 
 _announced: set[str] = set()
@@ -396,7 +452,7 @@ def _announce(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-Loaded = tuple[torch.Tensor, torch.Tensor, str]  # images, labels, where they came from
+Loaded = tuple[torch.Tensor, torch.Tensor, str, str]  # images, labels, where they came from, the file(s) read
 
 
 def _from_cache(root: Path, split: str, source: _Source | None) -> tuple[Loaded | None, list[str]]:
@@ -412,16 +468,28 @@ def _from_cache(root: Path, split: str, source: _Source | None) -> tuple[Loaded 
             continue
         origin = f"the {recorded.get('kind')} {recorded.get('path')}" if isinstance(recorded, dict) else "?"
         if source is not None and not source.matches(recorded):
-            problems.append(f"the decoded cache {path} is stale: it was decoded from {origin}, which changed since")
+            now = source.identity()
+            moved = not isinstance(recorded, dict) or [recorded.get("kind"), recorded.get("path")] != [
+                now["kind"],
+                now["path"],
+            ]
+            why = f"the {source} is used now" if moved else "which changed since"
+            problems.append(f"the decoded cache {path} is stale: it was decoded from {origin}, {why}")
             continue
         gone = "" if source is not None else " (that source is no longer in the data root)"
-        return (images, labels, f"CIFAR-10: read the decoded cache in {path.parent}, decoded from {origin}{gone}"), []
+        how = f"CIFAR-10: read the decoded cache in {path.parent}, decoded from {origin}{gone}"
+        return (images, labels, how, f"the decoded cache {path} (decoded from {origin})"), []
     return None, problems
 
 
-def _build(root: Path, split: str, source: _Source | None) -> Loaded:
-    """Decode ``source`` (None: download the original) and cache it; one process at a time per cache folder."""
+def _build(root: Path, split: str, source: _Source | None, allow_partial: bool) -> Loaded:
+    """Decode ``source`` (None: download the original) and cache it; one process at a time per cache folder.
+
+    An incomplete copy is refused before anything is cached, unless ``allow_partial``.
+    """
     target = _cache_target(root, split)
+    if target is not None and target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder, where the decoded cache goes; remove or rename it")
     with FileLock(f"{target}.lock") if target is not None else contextlib.nullcontext():
         if target is not None:
             done, _ = _from_cache(root, split, source)
@@ -436,10 +504,11 @@ def _build(root: Path, split: str, source: _Source | None) -> Loaded:
             source, how = _Source("python batches", root / _BATCHES, split), "downloaded and decoded the"
         reader = {"python batches": _from_batches, "folder": _from_tree, "archive": _from_archive}[source.kind]
         images, labels = reader(source.path, split)
+        _check_complete(labels, split, str(source.path), allow_partial)
         if target is not None:
             _write_cache(target, images, labels, source)
         where = f"cached in {target.parent}" if target is not None else "not cached: no writable folder"
-    return images, labels, f"CIFAR-10: {how} {source} ({where})"
+    return images, labels, f"CIFAR-10: {how} {source} ({where})", str(source.path)
 
 
 def load_cifar10(
@@ -447,36 +516,60 @@ def load_cifar10(
     root: str | os.PathLike | None = None,
     subset: int | None = None,
     download: bool | None = None,
+    allow_partial: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a CIFAR-10 split as ``(images uint8 (N, 3, 32, 32), labels int64 (N,))``.
 
-    ``root`` defaults to ``$COMPANION_DATA``, else a per-user cache folder. ``subset=N`` takes exactly N
-    images, class-balanced and deterministic. ``download=None`` allows torchvision's download unless
-    ``COMPANION_DOWNLOAD=0``; ``download=False`` never downloads. Prints, once per process, where the
-    data came from.
+    ``train`` picks the 50,000 training images (True) or the 10,000 test images (False). ``root`` defaults to
+    ``$COMPANION_DATA``, else a per-user cache folder. ``subset=N`` takes exactly N images, class-balanced and
+    deterministic. ``download=None`` allows torchvision's download unless ``COMPANION_DOWNLOAD`` says no;
+    ``download=False`` never downloads. A copy without exactly 5,000 (train) or 1,000 (test) images of every
+    class is refused, saying what it holds, unless ``allow_partial=True`` (``None``: the environment variable
+    ``COMPANION_ALLOW_PARTIAL``, default no); a complete copy is always preferred to a partial one beside it.
+    Prints, once per process, where the data came from.
     """
     _check_subset(subset)
+    _check_flag("train", train, none_ok=False)
+    _check_flag("download", download)
+    _check_flag("allow_partial", allow_partial)
+    may_download = _download_allowed(download)  # a bad COMPANION_DOWNLOAD is refused even when data is at hand
+    if allow_partial is None:
+        allow_partial = env_flag("COMPANION_ALLOW_PARTIAL", default=False)
     split = "train" if train else "test"
     root = data_root(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            f"the data root {root} is a file, not a folder; point root= or COMPANION_DATA at a folder"
+        )
     source = _find_source(root, split)
     loaded, problems = _from_cache(root, split, source)
     if loaded is None:
-        if source is None and not _download_allowed(download):
+        if source is None and not may_download:
             if problems:
-                raise ValueError(
+                raise DataError(
                     f"{problems[0]}, and {root} holds no copy of CIFAR-10 to decode it again from; delete the "
                     "cache file and point the loader at a copy (root=... or COMPANION_DATA)"
                 )
             raise DataNotFoundError(_not_found_message(root, download_tried=False))
         for problem in problems:
             warnings.warn(f"{problem}; decoding it again from {source or 'a download'}", stacklevel=2)
-        loaded = _build(root, split, source)
-    images, labels, how = loaded
+        loaded = _build(root, split, source, allow_partial)
+    images, labels, how, origin = loaded
+    partial = _check_complete(labels, split, origin, allow_partial)
     _announce(how)
+    if partial:
+        _announce(f"CIFAR-10 {split} split: {partial}, used as it is (allow_partial)")
     if subset is not None:
         keep = _balanced_subset(labels, subset)
         images, labels = images[keep], labels[keep]
     return images, labels
+
+
+def _check_flag(name: str, value: object, none_ok: bool = True) -> None:
+    """Refuse a yes/no argument that is not a bool (``train="test"`` would be truthy: the wrong split, silently)."""
+    if not (isinstance(value, (bool, np.bool_)) or (none_ok and value is None)):
+        allowed = "True, False or None" if none_ok else "True or False"
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _not_found_message(root: Path, download_tried: bool, reason: str = "") -> str:
@@ -485,8 +578,8 @@ def _not_found_message(root: Path, download_tried: bool, reason: str = "") -> st
         f"CIFAR-10 was not found in {root} (looked for a decoded cache, {_BATCHES}/, {_TREE}/ or "
         f"train/ and test/ class folders, and {_ARCHIVE}), and {tried}. Either point the loader at a "
         "folder that holds a copy (load_cifar10(root=...) or the environment variable COMPANION_DATA, "
-        "e.g. COMPANION_DATA=../shared/data), or allow the download on a machine with internet "
-        "(load_cifar10(download=True), or unset COMPANION_DOWNLOAD)."
+        "e.g. COMPANION_DATA=/path/to/cifar10), or allow the download on a machine with internet "
+        "(load_cifar10(download=True), or COMPANION_DOWNLOAD=1 or unset)."
     )
 
 
@@ -582,6 +675,19 @@ class DeviceLoader:
                 x = self._augment(x, augment_generator)
             yield (x - self.mean) / self.std, self.labels[idx]
 
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """The random state of the next epoch (order and augmentation), for a checkpoint."""
+        rank_state = None if self._rank_generator is None else self._rank_generator.get_state()
+        return {"generator": self.generator.get_state(), "rank_generator": rank_state}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Continue from a ``state_dict``: the next epoch draws the same order and augmentation as then."""
+        self.generator.set_state(state["generator"])
+        if state["rank_generator"] is not None:
+            rank = distributed.rank()
+            self._rank_generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank + 1)
+            self._rank_generator.set_state(state["rank_generator"])
+
     def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         B, _, H, W = x.shape
         flip = (torch.rand(B, generator=generator) < 0.5).to(self.device)
@@ -597,3 +703,44 @@ class DeviceLoader:
             chan = torch.arange(x.shape[1], device=self.device).view(1, -1, 1, 1)
             x = padded[batch, chan, rows, cols]  # (B, C, H, W): each image cropped at its own offset
         return x
+
+
+class CaptionBatches:
+    """Teacher-forcing batches ``((feature maps, input tokens), next tokens)``, a random caption of its class each.
+
+    ``feature_maps`` (N, C, h, w) and ``labels`` (N,) are the images' CNN features and classes, ``captions``
+    (classes, templates, L) the token ids of every caption of every class; batches come out on ``device``.
+    """
+
+    def __init__(
+        self,
+        feature_maps: torch.Tensor,
+        labels: torch.Tensor,
+        captions: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.feature_maps, self.labels, self.captions = feature_maps, labels, captions
+        self.batch_size, self.device = batch_size, device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The random state of the next epoch, for a checkpoint."""
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from a ``state_dict``."""
+        self.gen.set_state(state["generator"])
+
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        order = torch.randperm(len(self.labels), generator=self.gen)
+        for start in range(0, len(self.labels), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            template = torch.randint(0, self.captions.shape[1], (len(idx),), generator=self.gen)
+            rows = self.labels[idx].to(self.captions.device), template.to(self.captions.device)  # index where they live
+            seq = self.captions[rows].to(self.device)  # (B, L): <bos> words <eos> <pad>...
+            yield (self.feature_maps[idx].to(self.device), seq[:, :-1]), seq[:, 1:]  # predict each next token

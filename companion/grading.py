@@ -6,13 +6,16 @@ match and raises ``AssertionError`` otherwise, with a diagnosis: the configurati
 the result equals what a classic mistake computes (a flipped kernel, softmax over the wrong axis, a
 missing ``1/sqrt(d)``, an inverted mask, heads split without the transpose, ...), that mistake by name
 and where to look. Garbage (a function that raises, a wrong shape, NaN) gets a message too, never a
-traceback from inside the grader.
+traceback from inside the grader. An exercise that forbids a library call (``F.conv2d`` for a convolution
+written by hand, the book's own reference) fails when the student's code calls it, however it was imported.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import torch
@@ -43,11 +46,78 @@ __all__ = [
 Mistakes = Sequence[tuple[Any, str]]  # (what the mistake computes, its diagnosis)
 
 
+def _forbidden(check: str) -> list[tuple[Any, str]]:
+    """The calls exercise ``check`` forbids, as (function, name): PyTorch's implementation and the book's references."""
+    from companion import attention, conv
+    from companion.models import EncoderBlock, SelfAttention2d
+    from companion.models.vit import attention_rollout
+
+    nn_c = torch._C._nn
+    table: dict[str, list[tuple[Any, str]]] = {
+        "check_conv_output_size": [(conv.conv_output_size, "companion.conv.conv_output_size")],
+        "check_conv2d": [
+            (torch.conv2d, "F.conv2d (nn.Conv2d calls it)"),
+            (torch.convolution, "torch.convolution"),
+            (nn_c.im2col, "F.unfold"),
+            (conv.conv2d, "companion.conv.conv2d"),
+            (conv.conv2d_naive, "companion.conv.conv2d_naive"),
+            (conv.im2col, "companion.conv.im2col"),
+            (conv.correlate2d, "companion.conv.correlate2d"),
+        ],
+        "check_max_pool2d": [
+            (torch.max_pool2d, "F.max_pool2d (nn.MaxPool2d calls it)"),
+            (nn_c.max_pool2d_with_indices, "F.max_pool2d_with_indices"),
+            (conv.max_pool2d, "companion.conv.max_pool2d"),
+        ],
+        "check_attention": [
+            (nn_c.scaled_dot_product_attention, "F.scaled_dot_product_attention"),
+            (attention.scaled_dot_product_attention, "companion.attention.scaled_dot_product_attention"),
+            (attention.attention_weights, "companion.attention.attention_weights"),
+        ],
+        "check_causal_mask": [(attention.causal_mask, "companion.attention.causal_mask")],
+        "check_positional_encoding": [
+            (attention.sinusoidal_position_encoding, "companion.attention.sinusoidal_position_encoding")
+        ],
+        "check_batch_norm": [(torch.batch_norm, "F.batch_norm (nn.BatchNorm2d calls it)")],
+        "check_label_smoothing": [(nn_c.cross_entropy_loss, "F.cross_entropy")],
+        "check_self_attention_2d": [(SelfAttention2d.forward, "companion.models.SelfAttention2d")],
+        "check_patchify": [(nn_c.im2col, "F.unfold")],
+        "check_encoder_block": [(EncoderBlock.forward, "companion.models.EncoderBlock")],
+        "check_attention_rollout": [(attention_rollout, "companion.models.vit.attention_rollout")],
+    }
+    return table.get(check, [])
+
+
+def _key(fn: Any) -> tuple[int, str]:
+    """Identify a built-in function by its owner and name (a bound built-in is a new object at every access)."""
+    return id(getattr(fn, "__self__", None)), getattr(fn, "__name__", "")
+
+
+@contextmanager
+def _watching(forbid: list[tuple[Any, str]], seen: list[str]) -> Iterator[None]:
+    """Record in ``seen`` each forbidden function called inside the block, however the caller got hold of it."""
+    codes = {fn.__code__: name for fn, name in forbid if hasattr(fn, "__code__")}
+    builtins = {_key(fn): name for fn, name in forbid if not hasattr(fn, "__code__")}
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        name = builtins.get(_key(arg)) if event == "c_call" else codes.get(frame.f_code) if event == "call" else None
+        if name is not None and name not in seen:
+            seen.append(name)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile if forbid else previous)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+
+
 class _Grader:
     """Runs a student's code for one check and turns every way it can go wrong into a clear AssertionError."""
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.forbid = _forbidden(name)
 
     def fail(self, message: str) -> NoReturn:
         raise AssertionError(f"{self.name}: {message}")
@@ -59,12 +129,18 @@ class _Grader:
                 f"expected a function or a class, got {type(fn).__name__}: pass it without calling it, "
                 f"{self.name}(my_function)"
             )
+        seen: list[str] = []
         try:
-            return fn(*args, **kwargs)
+            with _watching(self.forbid, seen):
+                out = fn(*args, **kwargs)
         except NotImplementedError:
             self.fail("not done yet: the code still raises NotImplementedError; write your solution in its place")
         except Exception as err:  # the student's bug, reported, not re-raised from inside the grader
             self.fail(f"your code raised {type(err).__name__}: {err}\n  (while running: {where})")
+        finally:
+            if seen:  # checked first: a forbidden call that also raised is still a forbidden call
+                self.fail(f"your code calls {seen[0]}, which this exercise asks you not to use; write it yourself")
+        return out
 
     def tensor(self, out: Any, shape: tuple[int, ...] | None, where: str, hint: str = "") -> Tensor:
         """Check that ``out`` is a finite tensor of the expected shape."""

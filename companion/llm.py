@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from companion.checks import check_images
+from companion.validation import validate_images
 
 __all__ = [
     "DEFAULT_TEXT_MODEL",
@@ -210,7 +210,7 @@ def clip_zero_shot(
     batch_size: int = 100,
 ) -> Tensor:
     """Zero-shot labels from a Hugging Face CLIP model (on any device) and its processor: uint8 (N, 3, H, W) -> (N,)."""
-    check_images(images, "clip_zero_shot", 3)
+    validate_images(images, "clip_zero_shot", 3)
     if images.dtype != torch.uint8:
         raise ValueError(
             f"images must be uint8 of shape (N, 3, H, W), as load_cifar10 returns them; got {images.dtype}"

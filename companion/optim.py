@@ -1,15 +1,22 @@
-"""Optimiser helpers for the training recipes: which parameters get weight decay (and at which learning rate),
-and an exponential moving average of the weights with airbench's "lookahead" reset."""
+"""Optimisers for ``fit``: which parameters get weight decay (and at which learning rate), the optimiser a
+``TrainConfig`` asks for, and an exponential moving average of the weights with airbench's "lookahead" reset
+(a ``fit`` callback)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-__all__ = ["EMA", "param_groups"]
+from companion.callbacks import Callback
+
+if TYPE_CHECKING:
+    from companion.train import FitState, TrainConfig
+
+__all__ = ["EMA", "make_optimizer", "param_groups"]
 
 
 def param_groups(
@@ -48,7 +55,22 @@ def param_groups(
     return groups
 
 
-class EMA:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser ``config`` asks for: SGD with Nesterov momentum or AdamW, over ``param_groups``.
+
+    With ``config.decay_embeddings=False`` the parameters the model names in ``no_weight_decay()`` (timm's
+    convention, e.g. the ViT's class token and position embedding) get no weight decay; ``config.vector_lr_scale``
+    multiplies the learning rate of biases and norm parameters.
+    """
+    no_decay = () if config.decay_embeddings else tuple(getattr(model, "no_weight_decay", lambda: ())())
+    vector_lr = config.lr * config.vector_lr_scale if config.vector_lr_scale != 1.0 else None
+    groups = param_groups(model, config.weight_decay, no_decay, vector_lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+
+
+class EMA(Callback):
     """An exponential moving average of a model's weights: ``avg <- decay * avg + (1 - decay) * weights``.
 
     ``update(model)`` after each optimiser step averages every ``every``-th call; with ``lookahead`` the
@@ -56,6 +78,9 @@ class EMA:
     the fast weights restart from the slow ones). Floating-point buffers (BatchNorm statistics) are averaged
     too, others (step counters) copied. ``module`` is the averaged model, in eval mode, for evaluation;
     ``copy_to(model)`` puts the average into the model.
+
+    As a ``fit`` callback (``fit(..., callbacks=[EMA(model, 0.999)])``) it updates after every step, is what
+    ``fit`` evaluates after each epoch, and is copied into the model at the end: the average is the result.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.99, every: int = 1, lookahead: bool = False) -> None:
@@ -84,3 +109,24 @@ class EMA:
     def copy_to(self, model: nn.Module) -> None:
         """Set ``model``'s weights and buffers to the average."""
         model.load_state_dict(self.module.state_dict())
+
+    def on_fit_start(self, state: FitState) -> None:
+        """Evaluate the average after each epoch."""
+        state.eval_model = self.module
+
+    def on_step_end(self, state: FitState) -> None:
+        """Average after every optimiser step."""
+        self.update(state.model)
+
+    def on_fit_end(self, state: FitState) -> None:
+        """The averaged weights are the result."""
+        self.copy_to(state.model)
+
+    def state_dict(self) -> dict:
+        """The average and the step count, for a checkpoint."""
+        return {"module": self.module.state_dict(), "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the average saved in a checkpoint."""
+        self.module.load_state_dict(state["module"])
+        self.calls = state["calls"]

@@ -8,12 +8,34 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["device", "mode_line", "quick", "seed_everything"]
+__all__ = ["device", "env_flag", "mode_line", "quick", "seed_everything"]
+
+_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """Read a yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case); unset or empty: ``default``.
+
+    Any other value (``2``, ``y``, a typo) is refused with a ValueError naming the variable and the value, so a
+    mistyped flag never silently means the opposite.
+    """
+    raw = os.environ.get(name)
+    value = "" if raw is None else raw.strip().lower()
+    if value == "":
+        return default
+    if value in _YES:
+        return True
+    if value in _NO:
+        return False
+    raise ValueError(
+        f"{name}={raw!r} is not a yes/no value: use {', '.join(_YES)} for yes, {', '.join(_NO)} for no "
+        f"(any case), or leave it empty or unset for {'yes' if default else 'no'}"
+    )
 
 
 def quick() -> bool:
-    """Return True in quick mode (environment variable ``COMPANION_QUICK=1``)."""
-    return os.environ.get("COMPANION_QUICK", "0").strip().lower() in {"1", "true", "yes", "on"}
+    """Return True in quick mode (environment variable ``COMPANION_QUICK``, read by ``env_flag``; default no)."""
+    return env_flag("COMPANION_QUICK", default=False)
 
 
 def device() -> torch.device:

@@ -1,12 +1,23 @@
-"""One training loop for every chapter: ``fit``, ``evaluate`` and ``predict``."""
+"""The training loop every chapter uses: ``TrainConfig``, ``fit``, ``evaluate`` and ``predict``.
+
+``fit`` is the loop Chapter 1 writes by hand (forward, loss, backward, optimiser step) plus bookkeeping: a
+learning-rate schedule, per-epoch figures and a progress bar, a clean stop at the end of a step on Ctrl-C or
+SIGTERM, and hooks (``Callback``) for extras such as checkpoints or an average of the weights. Everything that is
+decided once (device, optimiser, schedule, ``torch.compile``, the data-parallel wrapper) is set up before the loop.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import os
+import signal
+import threading
 import time
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from os import PathLike
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +26,91 @@ from tqdm import tqdm
 
 from companion import distributed
 from companion.augment import tta_logits
-from companion.optim import EMA, param_groups
+from companion.callbacks import Callback
+from companion.checkpoint import restore
+from companion.optim import make_optimizer
 from companion.runtime import device, seed_everything
 
-__all__ = ["History", "device", "evaluate", "fit", "predict", "seed_everything"]
+__all__ = [
+    "Callback",
+    "FitState",
+    "History",
+    "TrainConfig",
+    "TrainingInterrupted",
+    "device",
+    "evaluate",
+    "fit",
+    "hold_signals",
+    "predict",
+    "seed_everything",
+]
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: optimiser, learning-rate schedule, regularisation, epochs and precision, passed to ``fit`` whole.
+
+    Every value is checked when the config is made; a wrong one raises a ``ValueError`` that says what is allowed.
+    """
+
+    epochs: int = 10
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
+    lr: float | None = None  # None: 0.05 for SGD, 1e-3 for AdamW
+    momentum: float = 0.9  # SGD's momentum (Nesterov); 0: plain SGD
+    weight_decay: float = 5e-4  # on weight matrices and kernels only (companion.optim.param_groups)
+    schedule: str = "onecycle"  # linear warm-up, then linear ("onecycle") or half-cosine ("cosine") decay to 0
+    warmup: float = 0.2  # fraction of all steps spent warming up, in [0, 1)
+    label_smoothing: float = 0.0  # in [0, 1)
+    grad_clip: float | None = None  # largest gradient norm; None: no clipping
+    ignore_index: int = -100  # targets with this value (padding) count in neither the loss nor the accuracy
+    precision: str = "auto"  # "auto": bfloat16 autocast on CUDA, float32 elsewhere; "bf16": autocast anywhere; "fp32"
+    compile: bool = False  # torch.compile the model for training on CUDA (ignored on other devices)
+    sync_batch_norm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
+    vector_lr_scale: float = 1.0  # learning-rate multiplier for biases and norm parameters (airbench)
+    decay_embeddings: bool = True  # False: no weight decay for what model.no_weight_decay() names (timm)
+    progress: bool = True  # a progress bar (on rank 0 only under torchrun)
+
+    def __post_init__(self) -> None:
+        _check_config(self)
+        if self.lr is None:  # the optimiser's usual starting point
+            object.__setattr__(self, "lr", 0.05 if self.optimizer == "sgd" else 1e-3)
+        for name in ("lr", "momentum", "weight_decay", "warmup", "label_smoothing", "vector_lr_scale"):
+            object.__setattr__(self, name, float(getattr(self, name)))  # numpy floats become plain (JSON-able)
+        if self.grad_clip is not None:
+            object.__setattr__(self, "grad_clip", float(self.grad_clip))
+
+
+def _check_config(c: TrainConfig) -> None:
+    """Raise a ValueError naming the first setting of ``c`` that has no meaning, and what is allowed."""
+
+    def real(x: object) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+    problems = [
+        (not isinstance(c.epochs, int) or isinstance(c.epochs, bool) or c.epochs < 1, "epochs", "a whole number >= 1"),
+        (c.optimizer not in {"sgd", "adamw"}, "optimizer", "'sgd' or 'adamw'"),
+        (c.lr is not None and not (real(c.lr) and c.lr > 0), "lr", "a positive finite number, or None"),
+        (not (real(c.momentum) and 0 <= c.momentum < 1), "momentum", "a number in [0, 1)"),
+        (not (real(c.weight_decay) and c.weight_decay >= 0), "weight_decay", "a finite number >= 0"),
+        (c.schedule not in {"onecycle", "cosine", "constant"}, "schedule", "'onecycle', 'cosine' or 'constant'"),
+        (not (real(c.warmup) and 0 <= c.warmup < 1), "warmup", "a fraction of all steps in [0, 1)"),
+        (not (real(c.label_smoothing) and 0 <= c.label_smoothing < 1), "label_smoothing", "a number in [0, 1)"),
+        (
+            c.grad_clip is not None and not (real(c.grad_clip) and c.grad_clip > 0),
+            "grad_clip",
+            "a positive finite gradient norm, or None for no clipping",
+        ),
+        (not isinstance(c.ignore_index, int) or isinstance(c.ignore_index, bool), "ignore_index", "a whole number"),
+        (c.precision not in {"auto", "bf16", "fp32"}, "precision", "'auto', 'bf16' or 'fp32'"),
+        (not (real(c.vector_lr_scale) and c.vector_lr_scale > 0), "vector_lr_scale", "a positive finite number"),
+    ]
+    for flag in ("compile", "sync_batch_norm", "decay_embeddings", "progress"):
+        problems.append((not isinstance(getattr(c, flag), bool), flag, "True or False"))
+    for bad, name, allowed in problems:
+        if bad:
+            raise ValueError(f"TrainConfig.{name} must be {allowed}, got {getattr(c, name)!r}")
 
 
 @dataclass
@@ -41,15 +131,44 @@ class History:
         return sum(self.seconds)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+@dataclass
+class FitState:
+    """What a ``Callback`` sees: the run's model, optimiser, config and progress, as the loop goes."""
+
+    model: nn.Module  # the model being trained (its own parameters, never a wrapper)
+    net: nn.Module  # what the batches go through: the model, or its compiled / data-parallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    config: TrainConfig
+    train_data: Batches
+    history: History
+    callbacks: Sequence[Callback]
+    epoch: int = 0  # the epoch under way (0-based)
+    step: int = 0  # batches done in that epoch
+    eval_model: nn.Module | None = None  # evaluated after each epoch (None: ``model``); an EMA puts its average here
+    stopped_by: str | None = None  # the signal's name once SIGINT or SIGTERM asked the run to stop
+    sums: list[torch.Tensor] | None = None  # this epoch so far: loss * targets, correct, targets, first bad step
+    epoch_seconds: float = 0.0  # training time of this epoch before the last resume
+    loader_state: object = None  # the training data's random state at the start of this epoch
 
 
-def _autocast(dev: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA when asked for; full precision everywhere else."""
-    if amp and dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+class TrainingInterrupted(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM stopped ``fit`` at the end of a step; the model holds the weights trained so far."""
+
+    def __init__(self, state: FitState) -> None:
+        self.state = state  # everything a checkpoint needs (companion.checkpoint.save_checkpoint)
+        self.signal_name, self.epoch, self.step, self.history = state.stopped_by, state.epoch, state.step, state.history
+        self.exit_code = 128 + getattr(signal, str(self.signal_name), signal.SIGINT)
+        super().__init__(
+            f"training stopped by {self.signal_name} in epoch {self.epoch + 1}, after step {self.step}; the model "
+            "holds the weights trained so far"
+        )
+
+
+def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast where ``precision`` asks for it ('auto': on CUDA only); full precision everywhere else."""
+    if precision == "bf16" or (precision == "auto" and dev.type == "cuda"):
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -72,42 +191,27 @@ def _schedule(kind: str, total_steps: int, warmup: float):
     return factor
 
 
-def _optimizer(
-    model: nn.Module,
-    kind: str,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    no_decay: Collection[str] = (),
-    vector_lr_scale: float = 1.0,
-) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; weight decay on weight matrices and kernels only (see ``param_groups``)."""
-    vector_lr = lr * vector_lr_scale if vector_lr_scale != 1.0 else None
-    groups = param_groups(model, weight_decay, no_decay, vector_lr)
-    if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-    if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {kind!r}")
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True, tta_translate: int = 0
+    model: nn.Module, data: Batches, tta_flip: bool = False, tta_translate: int = 0, precision: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole data set, on the CPU; ``tta_flip`` averages with the mirrored images.
 
     ``tta_translate`` > 0 also averages over copies shifted by that many pixels (``companion.augment.tta_logits``).
-
     The batches are moved to the model's device; results stay there until one copy to the CPU at the end.
     """
     was_training = model.training
     model.eval()
-    dev = _model_device(model)
+    dev = _device_of(model)
     all_logits, all_labels = [], []
     for x, y in data:
         x = x.to(dev)
-        with _autocast(dev, amp):
+        with _autocast(dev, precision):
             logits = tta_logits(model, x, flip=tta_flip, translate_by=tta_translate)  # (B, C) float
         all_logits.append(logits)
         all_labels.append(y)
@@ -118,11 +222,181 @@ def predict(
 
 
 def evaluate(
-    model: nn.Module, data: Batches, tta_flip: bool = False, amp: bool = True, tta_translate: int = 0
+    model: nn.Module, data: Batches, tta_flip: bool = False, tta_translate: int = 0, precision: str = "auto"
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (in [0, 1]) of ``model`` on ``data`` (test-time augmentation as ``predict``)."""
-    logits, labels = predict(model, data, tta_flip=tta_flip, amp=amp, tta_translate=tta_translate)
+    logits, labels = predict(model, data, tta_flip, tta_translate, precision)
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def fit(
+    model: nn.Module,
+    train_data: Batches,
+    test_data: Batches | None = None,
+    config: TrainConfig | None = None,
+    *,
+    callbacks: Sequence[Callback] = (),
+    resume_from: str | PathLike | None = None,
+    **overrides,
+) -> History:
+    """Train ``model`` on ``train_data`` as ``config`` says (with ``overrides`` of its fields) and return its history.
+
+    ``fit(model, train, test, epochs=3, lr=0.1)`` is ``fit(model, train, test, TrainConfig(epochs=3, lr=0.1))``.
+    Training runs on the device of the training data (a ``DeviceLoader``'s ``device``), else the model's. Batches
+    are ``(x, y)``: ``x`` a tensor, or a tuple of tensors passed as ``model(*x)``; ``y`` class labels (B,) for
+    logits (B, C), targets (B, ...) for logits (B, ..., C) such as next tokens, or class probabilities (B, C)
+    (soft labels from mixup or cutmix). The test set is evaluated after each epoch. A loss that stops being finite
+    raises ``FloatingPointError`` at the end of that epoch. SIGINT or SIGTERM stops the run at the end of the
+    current step: the callbacks' ``on_stop`` runs (a ``Checkpoint`` writes one), then ``TrainingInterrupted`` is
+    raised. ``resume_from`` continues the run saved in a checkpoint file (see ``companion.checkpoint``).
+    Under torchrun the model trains as ``DistributedDataParallel``; figures are summed over all processes.
+    """
+    if test_data is not None and hasattr(test_data, "__len__") and len(test_data) == 0:
+        raise ValueError("test_data yields no batches (an empty test set?); pass test_data=None to train without it")
+    state = _setup(model, train_data, _config(config, overrides), callbacks)
+    if resume_from is not None:
+        restore(state, resume_from)
+    cfg, dev, history = state.config, torch.device(state.history.device), state.history
+    steps_per_epoch = len(train_data)  # type: ignore[arg-type]
+    for cb in callbacks:
+        cb.on_fit_start(state)
+    done = state.epoch * steps_per_epoch + state.step  # more than 0 when resumed
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        initial=done,
+        desc="training",
+        disable=not cfg.progress or not distributed.is_main(),
+    )
+    with _stop_on_signals(state):
+        while state.epoch < cfg.epochs:
+            state.model.train()
+            start, skip = time.perf_counter(), state.step
+            if state.sums is None:  # a new epoch (not one resumed part-way): note where the data's randomness starts
+                state.loader_state = _loader_state(train_data)
+            sums = state.sums if state.sums is not None else _zero_sums(dev)
+            state.sums = sums  # loss * targets, correct, targets, first bad step: on the device, no sync per step
+            for i, (x, y) in enumerate(train_data):
+                if i < skip:  # resumed part-way through this epoch: these batches are done
+                    continue
+                x = tuple(t.to(dev) for t in x) if isinstance(x, tuple) else x.to(dev)
+                y = y.to(dev)
+                with _autocast(dev, cfg.precision):
+                    logits = state.net(*x) if isinstance(x, tuple) else state.net(x)  # (B, C) or (B, ..., C)
+                    loss = _loss(logits, y, cfg)
+                state.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+                state.optimizer.step()
+                state.scheduler.step()
+                _count(sums, loss, logits, y, i, cfg.ignore_index)
+                state.step = i + 1
+                for cb in callbacks:
+                    cb.on_step_end(state)
+                bar.update(1)
+                if _stop_requested(state):
+                    break
+            state.epoch_seconds += _elapsed(start, dev)
+            if state.step == 0:
+                raise ValueError(f"train_data yielded no batches in epoch {state.epoch + 1}")
+            if state.stopped_by is not None:
+                bar.close()
+                for cb in callbacks:
+                    cb.on_stop(state)
+                raise TrainingInterrupted(state)
+            _end_epoch(state, test_data, bar)
+    bar.close()
+    for cb in callbacks:
+        cb.on_fit_end(state)
+    return history
+
+
+def _config(config: TrainConfig | None, overrides: dict) -> TrainConfig:
+    """``config`` (default ``TrainConfig()``) with ``overrides`` in place; an unknown name is a clear TypeError."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"fit() got unknown settings {unknown}; TrainConfig has {sorted(known)}")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig (or None), got {type(config).__name__}")
+    return replace(config or TrainConfig(), **overrides)
+
+
+def _setup(model: nn.Module, train_data: Batches, config: TrainConfig, callbacks: Sequence[Callback]) -> FitState:
+    """Everything decided once, before the loop: device, data-parallel wrapper, compile, optimiser and schedule."""
+    steps_per_epoch = len(train_data)  # type: ignore[arg-type]
+    if steps_per_epoch == 0:
+        raise ValueError("train_data yields no batches (empty data set, or batch_size larger than it with drop_last)")
+    dev = getattr(train_data, "device", None) or _device_of(model)  # where the data lives decides
+    model.to(dev)
+    net = distributed.wrap(model, config.sync_batch_norm)  # DistributedDataParallel under torchrun
+    if config.compile and torch.device(dev).type == "cuda":
+        net = torch.compile(net)  # compile after the DDP wrap (PyTorch's recommended order)
+    optimizer = make_optimizer(model, config)
+    factor = _schedule(config.schedule, config.epochs * steps_per_epoch, config.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    history = History(device=str(dev))
+    return FitState(model, net, optimizer, scheduler, config, train_data, history, tuple(callbacks))
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Cross-entropy in float32: soft labels (B, C) as they are, class targets with smoothing and ``ignore_index``."""
+    if y.is_floating_point():  # soft labels (B, C): class probabilities
+        return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    flat_logits, flat_y = logits.float().flatten(0, -2), y.flatten()
+    return F.cross_entropy(flat_logits, flat_y, label_smoothing=cfg.label_smoothing, ignore_index=cfg.ignore_index)
+
+
+def _zero_sums(dev: torch.device) -> list[torch.Tensor]:
+    """The epoch's running sums: loss * targets (float), correct, targets that count, first bad step (-1: none)."""
+    long = {"dtype": torch.long, "device": dev}
+    return [torch.zeros((), device=dev), torch.zeros((), **long), torch.zeros((), **long), torch.full((), -1, **long)]
+
+
+def _count(sums: list[torch.Tensor], loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step: int, ignore: int):
+    """Add one step's loss and correct predictions to the epoch's sums (on the device: no host sync)."""
+    if y.is_floating_point():
+        y = y.argmax(-1)  # (B,): the class with the largest share counts for the accuracy
+    keep = y != ignore  # (B, ...)
+    n = keep.sum()
+    sums[0] += loss.detach() * n
+    sums[1] += ((logits.argmax(-1) == y) & keep).sum()
+    sums[2] += n
+    sums[3].copy_(torch.where((sums[3] < 0) & ~torch.isfinite(loss.detach()), step, sums[3]))
+
+
+def _elapsed(start: float, dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _end_epoch(state: FitState, test_data: Batches | None, bar: tqdm) -> None:
+    """Turn the epoch's sums into figures (one host sync), evaluate, run the callbacks, start the next epoch."""
+    history, sums = state.history, state.sums
+    totals = distributed.all_reduce(torch.stack([sums[0].double(), sums[1].double(), sums[2].double()]))
+    loss_total, correct_total, scored_total = totals.tolist()
+    train_loss = loss_total / scored_total
+    if not math.isfinite(train_loss):  # the same on every rank: all of them stop together
+        bar.close()
+        first = distributed.all_reduce(torch.where(sums[3] < 0, len(state.train_data), sums[3]), "min")  # type: ignore[arg-type]
+        raise _diverged(state.epoch + 1, int(first.item()) + 1, state.config.lr)
+    history.seconds.append(state.epoch_seconds)
+    history.train_loss.append(train_loss)
+    history.train_acc.append(correct_total / scored_total)
+    history.lr.append(state.optimizer.param_groups[0]["lr"])
+    postfix = {"epoch": state.epoch + 1, "loss": f"{train_loss:.3f}", "acc": f"{history.train_acc[-1]:.3f}"}
+    distributed.sync_buffers(state.model)  # every rank now holds rank 0's model
+    if test_data is not None:
+        test_loss, test_acc = evaluate(state.eval_model or state.model, test_data, precision=state.config.precision)
+        history.test_loss.append(test_loss)
+        history.test_acc.append(test_acc)
+        postfix["test_acc"] = f"{test_acc:.3f}"
+    bar.set_postfix(postfix)
+    state.epoch, state.step, state.sums, state.epoch_seconds = state.epoch + 1, 0, None, 0.0
+    state.loader_state = _loader_state(state.train_data)  # where the next epoch's data starts
+    for cb in state.callbacks:
+        cb.on_epoch_end(state)
 
 
 def _diverged(epoch: int, step: int, lr: float) -> FloatingPointError:
@@ -135,147 +409,68 @@ def _diverged(epoch: int, step: int, lr: float) -> FloatingPointError:
     )
 
 
-def fit(
-    model: nn.Module,
-    train_data: Batches,
-    test_data: Batches | None = None,
-    epochs: int = 10,
-    *,
-    optimizer: str = "sgd",
-    lr: float | None = None,
-    weight_decay: float = 5e-4,
-    momentum: float = 0.9,
-    schedule: str = "onecycle",
-    warmup: float = 0.2,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    grad_clip: float | None = None,
-    amp: bool = True,
-    tta_flip: bool = False,
-    progress: bool = True,
-    sync_batch_norm: bool = False,
-    no_decay: Collection[str] = (),
-    vector_lr_scale: float = 1.0,
-    ema_decay: float | None = None,
-    lookahead_every: int = 0,
-    tta_translate: int = 0,
-) -> History:
-    """Train ``model`` on ``train_data`` for ``epochs`` epochs and return its ``History``.
+def _loader_state(data: Batches) -> object:
+    """The training data's random state (``state_dict()`` of a loader that has one), or None."""
+    return data.state_dict() if hasattr(data, "state_dict") else None
 
-    SGD with Nesterov momentum (default lr 0.05) or AdamW (default lr 1e-3); the learning rate warms
-    up linearly over the first ``warmup`` fraction of steps, then decays to zero ('onecycle': linearly,
-    'cosine': along a half cosine). Mixed precision (bfloat16) is used on CUDA only, when ``amp``.
-    The model is moved to the device of the data's first batch. A loss that stops being finite (NaN or
-    infinite) raises ``FloatingPointError`` at the end of that epoch, naming the first bad step.
 
-    Batches are ``(x, y)``: ``x`` a tensor, or a tuple of tensors passed as ``model(*x)``; ``y`` class labels
-    (B,) for logits (B, C), or targets (B, ...) for logits (B, ..., C) such as next tokens. Targets equal to
-    ``ignore_index`` (e.g. padding) count in neither the loss nor the accuracy. Floating-point ``y`` of shape
-    (B, C) are class probabilities (soft labels, e.g. from mixup or cutmix); accuracy then counts their argmax.
+@contextlib.contextmanager
+def _stop_on_signals(state: FitState) -> Iterator[None]:
+    """While training: SIGINT and SIGTERM ask the loop to stop at the end of the step; a second Ctrl-C stops at once.
 
-    Options of the GPU recipes, all off by default: ``no_decay`` names parameters kept out of weight decay and
-    ``vector_lr_scale`` multiplies the learning rate of biases and norm parameters (``companion.optim.param_groups``);
-    ``ema_decay`` keeps an exponential moving average of the weights (``companion.optim.EMA``), evaluates it
-    after each epoch and leaves it in ``model`` at the end; with ``lookahead_every`` = k > 0 the average is
-    taken every k steps and the weights restart from it. ``tta_translate`` is passed to ``evaluate``.
-
-    Under ``torchrun`` the model is wrapped in ``DistributedDataParallel`` (``sync_batch_norm``: with
-    ``SyncBatchNorm``, CUDA only), the training figures are summed over all processes, every rank
-    evaluates on the whole test set with rank 0's batch-norm statistics, and only rank 0 shows progress.
-    ``lr`` is used as given (``companion.distributed.scale_lr`` scales it for the global batch).
+    Only in the main thread (where Python delivers signals); elsewhere the default handling stays.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    steps_per_epoch = len(train_data)  # type: ignore[arg-type]
-    if steps_per_epoch == 0:
-        raise ValueError("train_data yields no batches (empty data set, or batch_size larger than it with drop_last)")
-    if test_data is not None and hasattr(test_data, "__len__") and len(test_data) == 0:
-        raise ValueError("test_data yields no batches (an empty test set?); pass test_data=None to train without it")
-    if lr is None:
-        lr = 0.05 if optimizer == "sgd" else 1e-3
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr}")
-    opt = _optimizer(model, optimizer, lr, weight_decay, momentum, no_decay, vector_lr_scale)
-    ema = None  # the average of the weights, made with the model on its device
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, epochs * steps_per_epoch, warmup))
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    history = History()
-    bar = tqdm(total=epochs * steps_per_epoch, desc="training", disable=not progress or not distributed.is_main())
-    net = model  # what the batches go through: the model, or its DistributedDataParallel wrapper
-    for epoch in range(epochs):
-        model.train()
-        start = time.perf_counter()
-        # Per-epoch sums, kept on the batches' device (made at the first batch): no host sync per step.
-        loss_sum = correct = scored = first_bad = None
-        for step, (x, y) in enumerate(train_data):
-            if loss_sum is None:
-                if epoch == 0:
-                    model.to(y.device)
-                    history.device = str(y.device)
-                    net = distributed.wrap(model, sync_batch_norm)
-                    if ema_decay is not None:
-                        every = max(1, lookahead_every)
-                        ema = EMA(getattr(model, "_orig_mod", model), ema_decay, every, lookahead_every > 0)
-                loss_sum = torch.zeros((), device=y.device)
-                correct = torch.zeros((), dtype=torch.long, device=y.device)
-                scored = torch.zeros((), dtype=torch.long, device=y.device)  # targets that count: not ignore_index
-                first_bad = torch.full((), -1, dtype=torch.long, device=y.device)  # first step with a bad loss
-            with _autocast(y.device, amp):
-                logits = net(*x) if isinstance(x, tuple) else net(x)  # (B, C) or (B, ..., C)
-                if y.is_floating_point():  # soft labels (B, C): class probabilities
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-                else:
-                    loss = F.cross_entropy(
-                        logits.float().flatten(0, -2),
-                        y.flatten(),
-                        label_smoothing=label_smoothing,
-                        ignore_index=ignore_index,
-                    )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update(getattr(model, "_orig_mod", model))
-            if y.is_floating_point():
-                y = y.argmax(-1)  # (B,): the class with the largest share counts for the accuracy
-            keep = y != ignore_index  # (B, ...)
-            n = keep.sum()
-            loss_sum += loss.detach() * n
-            correct += ((logits.argmax(-1) == y) & keep).sum()
-            scored += n
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-            bar.update(1)
-        if loss_sum is None:
-            raise ValueError(f"train_data yielded no batches in epoch {epoch + 1}")
-        if loss_sum.device.type == "cuda":
-            torch.cuda.synchronize()
-        history.seconds.append(time.perf_counter() - start)
-        # Sums over all processes (this one alone if only one); the host syncs once per epoch, not per step.
-        totals = distributed.all_reduce(torch.stack([loss_sum.double(), correct.double(), scored.double()]))
-        loss_total, correct_total, scored_total = totals.tolist()
-        train_loss = loss_total / scored_total
-        if not math.isfinite(train_loss):  # the same on every rank: all of them stop together
-            bar.close()
-            first = distributed.all_reduce(torch.where(first_bad < 0, steps_per_epoch, first_bad), "min")
-            raise _diverged(epoch + 1, int(first.item()) + 1, lr)
-        history.train_loss.append(train_loss)
-        history.train_acc.append(correct_total / scored_total)
-        history.lr.append(opt.param_groups[0]["lr"])
-        postfix = {"epoch": epoch + 1, "loss": f"{history.train_loss[-1]:.3f}", "acc": f"{history.train_acc[-1]:.3f}"}
-        distributed.sync_buffers(model)  # every rank now holds rank 0's model
-        if test_data is not None:
-            evaluated = ema.module if ema is not None else model
-            test_loss, test_acc = evaluate(
-                evaluated, test_data, tta_flip=tta_flip, amp=amp, tta_translate=tta_translate
-            )
-            history.test_loss.append(test_loss)
-            history.test_acc.append(test_acc)
-            postfix["test_acc"] = f"{test_acc:.3f}"
-        bar.set_postfix(postfix)
-    bar.close()
-    if ema is not None:
-        ema.copy_to(getattr(model, "_orig_mod", model))  # the averaged weights are the result
-    return history
+    def ask_to_stop(signum: int, frame: object) -> None:
+        state.stopped_by = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+        if distributed.is_main():
+            print(f"\n{state.stopped_by}: stopping at the end of this step (Ctrl-C again to stop at once)", flush=True)
+
+    for s in previous:
+        signal.signal(s, ask_to_stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def hold_signals() -> Iterator[None]:
+    """Let a block finish (e.g. writing a file) before SIGINT or SIGTERM take effect: they act when it ends.
+
+    After the block, a held SIGINT raises ``KeyboardInterrupt`` and a held SIGTERM ends the process as SIGTERM
+    would have. Only in the main thread; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if signal.SIGTERM in held:
+        os.kill(os.getpid(), signal.SIGTERM)
+    if signal.SIGINT in held:
+        raise KeyboardInterrupt
+
+
+def _stop_requested(state: FitState) -> bool:
+    """True once a signal asked to stop; under torchrun, when any rank was asked (all ranks stop at the same step)."""
+    if distributed.world_size() == 1:
+        return state.stopped_by is not None
+    dev = torch.device(state.history.device)
+    flag = distributed.all_reduce(torch.tensor(float(state.stopped_by is not None), device=dev), "max")
+    if flag.item() and state.stopped_by is None:
+        state.stopped_by = "SIGTERM"  # another rank was signalled
+    return state.stopped_by is not None

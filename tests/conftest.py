@@ -31,8 +31,12 @@ def records_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 @pytest.fixture
-def fake_cifar(tmp_path: Path) -> Path:
-    """An ImageFolder copy of CIFAR-10 in ``tmp_path`` (4 train and 2 test images per class), colours set by class."""
+def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An ImageFolder copy of CIFAR-10 in ``tmp_path`` (4 train and 2 test images per class), colours set by class.
+
+    Being far smaller than CIFAR-10, it is loaded only with ``COMPANION_ALLOW_PARTIAL=1``, which this fixture sets.
+    """
+    monkeypatch.setenv("COMPANION_ALLOW_PARTIAL", "1")
     rng = np.random.default_rng(0)
     for split, n in [("train", 4), ("test", 2)]:
         for label, name in enumerate(CIFAR10_CLASSES):

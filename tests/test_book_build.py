@@ -165,9 +165,9 @@ def test_records_written_during_a_build_name_their_chapter(tmp_path: Path, monke
 
     monkeypatch.setenv("COMPANION_RECORDS", str(tmp_path))
     monkeypatch.delenv("COMPANION_CHAPTER", raising=False)
-    write_record({"model": "cli run"}, "cli")
+    write_record({"model": "cli run", "test_acc": 0.5}, "cli")
     book_build.name_the_chapter(None, "chapters/03_cnn", [""])  # what the build does before executing a page
-    write_record({"model": "chapter run"}, "chapter")
+    write_record({"model": "chapter run", "test_acc": 0.5}, "chapter")
     assert {r["name"]: r.get("chapter") for r in read_records()} == {"chapter": "chapters/03_cnn", "cli": None}
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from companion import data
 from companion.data import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -34,6 +35,7 @@ def user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     monkeypatch.delenv("COMPANION_DATA", raising=False)
     monkeypatch.setenv("COMPANION_DOWNLOAD", "0")
+    monkeypatch.setenv("COMPANION_ALLOW_PARTIAL", "1")  # the fake copies are small; tests of completeness unset it
 
 
 def _pixels(split: str, label: int, i: int) -> np.ndarray:
@@ -162,6 +164,13 @@ def test_no_data_names_the_folder_and_both_fixes(tmp_path):
     message = str(err.value)
     assert str(tmp_path / "empty") in message
     assert "COMPANION_DATA" in message and "download=True" in message
+    assert "shared/data" not in message  # the user's own data root, not this repository's CI folder
+
+
+def test_no_message_names_this_repositorys_ci_data_folder():
+    package = Path(data.__file__).parent
+    named = [p.name for p in package.rglob("*.py") if "shared/data" in p.read_text()]
+    assert not named, f"messages name the CI's ../shared/data: {named}"
 
 
 def test_corrupt_archive(tmp_path):

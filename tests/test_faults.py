@@ -12,6 +12,7 @@ import pickle
 import shutil
 import signal
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     monkeypatch.delenv("COMPANION_DATA", raising=False)
     monkeypatch.setenv("COMPANION_DOWNLOAD", "0")
+    monkeypatch.setenv("COMPANION_ALLOW_PARTIAL", "1")  # the fake copies are small; tests of completeness unset it
 
 
 def tiny_cnn() -> nn.Module:
@@ -69,7 +71,7 @@ def test_fit_keeps_its_sums_on_the_data_device():
     companion.seed_everything(0)
     data, model = float_batches(), tiny_cnn()
     with torch.device("meta"):
-        history = fit(model, data, data, epochs=3, tta_flip=True, progress=False)
+        history = fit(model, data, data, epochs=3, progress=False)
     assert history.device == "cpu" and len(history.train_loss) == len(history.test_acc) == 3
     assert all(math.isfinite(v) for v in history.train_loss + history.test_loss)
 
@@ -91,7 +93,7 @@ def test_fit_stops_when_the_loss_is_not_finite():
     with pytest.raises(FloatingPointError, match=r"diverged.*in epoch \d+, step \d+ \(lr=1e\+06\)"):
         fit(model, loader, epochs=3, lr=1e6, label_smoothing=0.2, progress=False)
 
-    with pytest.raises(ValueError, match="lr must be a positive finite number, got nan"):
+    with pytest.raises(ValueError, match="lr must be a positive finite number.*got nan"):
         fit(tiny_cnn(), data, lr=float("nan"), progress=False)
 
 
@@ -437,3 +439,281 @@ def test_fully_masked_rows_give_zeros_without_nan(fused):
     assert torch.equal(out[:, :, 2], torch.zeros(2, 3, 8)) and torch.isfinite(out).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# --- issue 24: every flag and option accepts a documented set of values, or says what is allowed ------------
+
+
+@pytest.mark.parametrize("name", ["COMPANION_QUICK", "COMPANION_DOWNLOAD"])
+def test_yes_no_flags_accept_the_documented_values_and_refuse_the_rest(tmp_path, monkeypatch, name):
+    from companion.runtime import env_flag
+
+    for value, want in [("1", True), ("TRUE", True), (" yes ", True), ("On", True)]:
+        monkeypatch.setenv(name, value)
+        assert env_flag(name) is want
+    for value in ("0", "false", "No", "OFF"):
+        monkeypatch.setenv(name, value)
+        assert env_flag(name, default=True) is False
+    monkeypatch.setenv(name, "")
+    assert env_flag(name, default=True) is True and env_flag(name, default=False) is False
+    monkeypatch.delenv(name)
+    assert env_flag(name, default=True) is True
+    for bad in ("2", "y", "garbage", "-1"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=rf"^{name}='{bad}' is not a yes/no value: use 1, true, yes, on for yes"):
+            env_flag(name)
+        with pytest.raises(ValueError, match=rf"{name}='{bad}'"):  # the code that reads it refuses it too
+            companion.quick() if name == "COMPANION_QUICK" else load_cifar10(root=tmp_path)
+
+
+def test_a_partial_copy_is_refused_unless_asked_for_and_never_cached_as_cifar10(fake_cifar, monkeypatch, capsys):
+    monkeypatch.delenv("COMPANION_ALLOW_PARTIAL")
+    monkeypatch.setattr(data, "_announced", set())  # a fresh process: the lines below are said once per process
+    with pytest.raises(ValueError) as refused:
+        load_cifar10(train=True, root=fake_cifar)
+    assert str(refused.value) == (
+        f"{fake_cifar} is not the complete CIFAR-10 train split: it holds 40 images, 4 of every class, where "
+        "CIFAR-10 has 50,000 (5,000 of every class); point the loader at a complete copy, or pass "
+        "allow_partial=True (or set COMPANION_ALLOW_PARTIAL=1) to use this one as it is"
+    )
+    assert not list(fake_cifar.glob("cifar10-*.pt")), "refused, so not cached"
+    images, _ = load_cifar10(train=True, root=fake_cifar, allow_partial=True, subset=20)
+    assert len(images) == 20
+    assert "CIFAR-10 train split: a partial copy of 40 images, 4 of every class, used" in capsys.readouterr().err
+    (cache,) = fake_cifar.glob("cifar10-train-*.pt")
+    with pytest.raises(ValueError, match=rf"^the decoded cache {cache} \(decoded from the folder .*\) is not the comp"):
+        load_cifar10(train=True, root=fake_cifar)  # the partial copy's cache does not pass for CIFAR-10 either
+    monkeypatch.setenv("COMPANION_ALLOW_PARTIAL", "yes")
+    assert len(load_cifar10(train=True, root=fake_cifar)[0]) == 40
+    monkeypatch.setenv("COMPANION_ALLOW_PARTIAL", "sure")
+    with pytest.raises(ValueError, match="COMPANION_ALLOW_PARTIAL='sure' is not a yes/no value"):
+        load_cifar10(train=True, root=fake_cifar)
+
+
+def test_uneven_classes_are_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMPANION_ALLOW_PARTIAL")
+    write_batches(tmp_path / "cifar-10-batches-py", 10)  # 10 images a batch, one of each class
+    with pytest.raises(
+        ValueError, match=r"test split: it holds 10 images, 1 of every class, where CIFAR-10 has 10,000"
+    ):
+        load_cifar10(train=False, root=tmp_path)
+    monkeypatch.setattr(data, "_PER_CLASS", {"train": 5, "test": 1})  # a complete copy at this small scale
+    assert len(load_cifar10(train=False, root=tmp_path)[0]) == 10
+    assert len(load_cifar10(train=True, root=tmp_path)[0]) == 50
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((10, 3072), np.uint8), "labels": [0, 0, 1, 2, 3, 4, 5, 6, 7, 8]}, f)
+    with (
+        pytest.warns(UserWarning, match="stale"),
+        pytest.raises(ValueError, match=r"10 images \(airplane 2, truck 0\), where CIFAR-10 has 10 \(1 "),
+    ):
+        load_cifar10(train=False, root=tmp_path)
+
+
+@pytest.mark.parametrize("allow_partial", [False, True])
+def test_a_complete_archive_is_preferred_to_a_partial_tree_beside_it(fake_cifar, tmp_path, monkeypatch, allow_partial):
+    monkeypatch.setattr(data, "_PER_CLASS", {"train": 4, "test": 2})  # fake_cifar is complete at this scale
+    root = tmp_path / "data"
+    archive = make_archive(fake_cifar, root / "cifar10-jpeg.tar.gz")
+    want, want_labels = load_cifar10(train=True, root=root)
+    (root / "cifar10-train-uint8-v2.pt").unlink()
+    archive.rename(tmp_path / "aside.tar.gz")
+    for cls in CIFAR10_CLASSES:  # a partial tree: one image of every class
+        (root / "cifar10-jpeg" / "train" / cls).mkdir(parents=True)
+        shutil.copy(fake_cifar / "train" / cls / "0.png", root / "cifar10-jpeg" / "train" / cls)
+    assert len(load_cifar10(train=True, root=root, allow_partial=True)[0]) == 10  # alone, and asked for: used
+    (tmp_path / "aside.tar.gz").rename(archive)  # the complete archive comes back beside the partial tree
+    with pytest.warns(UserWarning, match=r"decoded from the folder .*cifar10-jpeg, the archive .* is used now"):
+        images, labels = load_cifar10(train=True, root=root, allow_partial=allow_partial)
+    assert torch.equal(images, want) and torch.equal(labels, want_labels)
+
+
+def test_load_cifar10_refuses_arguments_it_cannot_mean(fake_cifar, monkeypatch):
+    for name, value in [("train", "test"), ("train", None), ("download", "no"), ("allow_partial", 1)]:
+        allowed = "True or False" if name == "train" else "True, False or None"
+        with pytest.raises(TypeError, match=rf"^{name} must be {allowed}, got {value!r}$"):
+            load_cifar10(**{"root": fake_cifar, name: value})
+    with pytest.raises(ValueError, match=r"^root='' is an empty path; give a folder"):
+        load_cifar10(root="")  # was the current directory, silently
+    with pytest.raises(TypeError, match=r"^root must be a folder's path \(a str or os.PathLike\) or None, got 1$"):
+        load_cifar10(root=1)
+    with pytest.raises(NotADirectoryError, match=r"the data root .*0.png is a file, not a folder"):
+        load_cifar10(root=fake_cifar / "train" / "cat" / "0.png")
+    (fake_cifar / "cifar10-test-uint8-v2.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"cifar10-test-uint8-v2.pt is a folder, where the decoded cache go"):
+        load_cifar10(train=False, root=fake_cifar)
+    monkeypatch.setenv("COMPANION_DOWNLOAD", "nope")  # refused although the data is at hand and no download is needed
+    with pytest.raises(ValueError, match="COMPANION_DOWNLOAD='nope' is not a yes/no value"):
+        load_cifar10(root=fake_cifar)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask-022", "umask-002"])
+def test_the_decoded_cache_follows_the_umask(fake_cifar, tmp_path, umask):
+    root = tmp_path / "data"
+    make_archive(fake_cifar, root / "cifar10-jpeg.tar.gz")
+    before = set(root.iterdir())
+    old = os.umask(umask)
+    try:
+        load_cifar10(train=False, root=root)
+    finally:
+        os.umask(old)
+    written = set(root.iterdir()) - before
+    assert any(p.name == "cifar10-test-uint8-v2.pt" for p in written)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # was 0600: a class could not share one cache
+
+
+def test_atomic_write_follows_the_umask_keeps_the_old_file_on_failure_and_overwrites_only_if_asked(tmp_path):
+    from companion.files import atomic_write
+
+    target = tmp_path / "out.bin"
+    old = os.umask(0o027)
+    try:
+        assert atomic_write(target, lambda f: f.write(b"one")) == target
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"one" and target.stat().st_mode & 0o777 == 0o640
+
+    def fails(f):
+        f.write(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        atomic_write(target, fails)
+    assert target.read_bytes() == b"one" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    with pytest.raises(FileExistsError, match=rf"^{target} exists already and is not replaced"):
+        atomic_write(target, lambda f: f.write(b"two"), overwrite=False)
+    assert target.read_bytes() == b"one" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    atomic_write(target, lambda f: f.write(b"two"))
+    assert target.read_bytes() == b"two"
+
+
+def test_atomic_write_without_overwrite_lets_exactly_one_of_concurrent_writers_win(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from companion.files import atomic_write
+
+    target, barrier = tmp_path / "weights.safetensors", threading.Barrier(8)
+
+    def writer(i: int) -> str:
+        def write(f):
+            f.write(str(i).encode())
+            barrier.wait()  # every writer has its temporary file ready before any puts it in place
+
+        try:
+            atomic_write(target, write, overwrite=False)
+            return "won"
+        except FileExistsError:
+            return "refused"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(writer, range(8)))
+    assert sorted(outcomes) == ["refused"] * 7 + ["won"]  # each refused after writing: the name was free then
+    assert target.read_text() == str(outcomes.index("won"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
+
+
+def test_save_weights_saves_the_caption_decoder_with_its_tied_weights(tmp_path):
+    from companion.models.caption import CaptionDecoder
+
+    torch.manual_seed(0)
+    model = CaptionDecoder(vocab_size=20, feature_dim=8, dim=16, depth=1, num_heads=2, max_len=6).eval()
+    path = save_weights(model, tmp_path / "caption.safetensors")  # safetensors refused the shared tensor
+    torch.manual_seed(1)
+    other = load_weights(CaptionDecoder(20, 8, dim=16, depth=1, num_heads=2, max_len=6).eval(), path)
+    assert other.lm_head.weight is other.tok_emb.weight  # still one tensor, not two copies
+    features, tokens = torch.randn(2, 8, 3, 3), torch.randint(0, 20, (2, 5))
+    assert torch.equal(model(features, tokens), other(features, tokens))
+    assert torch.equal(model.generate(features), other.generate(features))
+
+
+def test_weights_follow_the_umask_and_are_never_half_written(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, path = tiny_cnn(), tmp_path / "w.safetensors"
+    old = os.umask(0o022)
+    try:
+        save_weights(model, path)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # was 0600 (safetensors' own file)
+    before = path.read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save", lambda *a, **k: pytest.fail("not reached"))
+    with pytest.raises(FileExistsError, match="exists already and is not replaced"):
+        save_weights(tiny_cnn(), path, overwrite=False)
+    assert path.read_bytes() == before
+
+
+def test_load_weights_says_in_one_line_what_does_not_fit(tmp_path):
+    path = save_weights(tiny_cnn(), tmp_path / "w.safetensors")
+    wider = nn.Sequential(*list(tiny_cnn())[:-1], nn.Linear(8 * 8 * 8, 12))
+    with pytest.raises(ValueError) as err:
+        load_weights(wider, path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"the weights in {path} do not fit this model (Sequential;")
+    assert "2 of another shape (5.weight (10, 512) in the file, (12, 512) in the model, 5.bias (10,)" in message
+    with pytest.raises(ValueError, match=r"\): 9 not in the model \([^)]*and 6 more\); load them into the model"):
+        load_weights(nn.Sequential(nn.Identity(), nn.Identity()), path)
+    with pytest.raises(IsADirectoryError, match=rf"^{tmp_path} is a folder, not a weights file"):
+        load_weights(tiny_cnn(), tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^cannot write {tmp_path}/no/w.safetensors: the folder .* does not"):
+        save_weights(tiny_cnn(), tmp_path / "no" / "w.safetensors")
+    with pytest.raises(IsADirectoryError, match=rf"^{tmp_path} is a folder; give the path of a file"):
+        save_weights(tiny_cnn(), tmp_path)
+
+
+def _bad_arguments() -> list[tuple[str, object, type, str]]:
+    """(case, call, error, message) for arguments that were accepted silently or failed deep inside torch."""
+    from companion import attention, conv
+    from companion.models import cnn, sagan, vit
+
+    q, x = torch.randn(2, 4, 8), torch.randn(1, 3, 8, 8)
+    return [
+        ("FastCNN widths=(8.5,)", lambda: cnn.FastCNN(widths=(8.5,)), ValueError, "positive channel counts \\(ints\\)"),
+        ("FastCNN widths=8", lambda: cnn.FastCNN(widths=8), ValueError, "non-empty tuple of positive channel"),
+        ("FastCNN num_classes=0", lambda: cnn.FastCNN(num_classes=0), ValueError, "num_classes must be at least 1"),
+        ("FastCNN stem_width=0", lambda: cnn.FastCNN(stem_width=0), ValueError, "stem_width must be at least 1"),
+        ("FastCNN logit_scale=nan", lambda: cnn.FastCNN(logit_scale=math.nan), ValueError, "logit_scale must be a pos"),
+        ("FastCNN logit_scale=0", lambda: cnn.FastCNN(logit_scale=0), ValueError, "logit_scale must be a positive"),
+        ("SimpleCNN num_classes=-3", lambda: cnn.SimpleCNN(-3), ValueError, "num_classes must be at least 1, got -3"),
+        ("ViT dim=0", lambda: vit.ViT(dim=0, num_heads=1), ValueError, "dim must be at least 1"),
+        ("ViT image_size=0", lambda: vit.ViT(image_size=0), ValueError, "image_size must be at least 1"),
+        ("ViT in_channels=0", lambda: vit.ViT(in_channels=0), ValueError, "in_channels must be at least 1"),
+        ("ViT mlp_ratio=0", lambda: vit.ViT(mlp_ratio=0), ValueError, "mlp_ratio must be a positive finite"),
+        ("ViT mlp_ratio=0.001", lambda: vit.ViT(mlp_ratio=1e-3), ValueError, "gives an MLP of 0 units for dim=192"),
+        ("ViT num_classes=0", lambda: vit.ViT(num_classes=0), ValueError, "num_classes must be at least 1"),
+        ("ViT depth=2.5", lambda: vit.ViT(depth=2.5), TypeError, "depth must be a whole number \\(an int\\), got 2.5"),
+        ("SelfAttention2d scale=nan", lambda: sagan.SelfAttention2d(8, 2, math.nan), ValueError, "scale must be a pos"),
+        ("SelfAttention2d scale=-1", lambda: sagan.SelfAttention2d(8, 2, -1.0), ValueError, "scale must be a pos"),
+        ("MHA kdim=0", lambda: attention.MultiHeadAttention(8, 2, kdim=0), ValueError, "kdim must be at least 1"),
+        ("MHA dim=0", lambda: attention.MultiHeadAttention(0, 1), ValueError, "dim must be at least 1"),
+        ("sdpa scale=nan", lambda: scaled_dot_product_attention(q, q, q, scale=math.nan), ValueError, "scale must"),
+        ("weights scale=0", lambda: attention.attention_weights(q, q, scale=0.0), ValueError, "scale must be a pos"),
+        ("causal_mask(-1)", lambda: attention.causal_mask(-1), ValueError, "n must be at least 0, got -1"),
+        ("causal_mask(2.5)", lambda: attention.causal_mask(2.5), TypeError, "n must be a whole number"),
+        ("padding_mask floats", lambda: attention.padding_mask([1.5, 2]), TypeError, "lengths must be integers"),
+        ("positions n=-1", lambda: attention.sinusoidal_position_encoding(-1, 4), ValueError, "n must be at least 0"),
+        ("positions base=0", lambda: attention.sinusoidal_position_encoding(3, 4, 0), ValueError, "base must be"),
+        ("positions dim=4.0", lambda: attention.sinusoidal_position_encoding(3, 4.0), TypeError, "dim must be a whole"),
+        ("positions 2-D h=-1", lambda: attention.sinusoidal_position_encoding_2d(-1, 2, 4), ValueError, "h must be"),
+        ("learned positions n=-1", lambda: attention.LearnedPositionEmbedding(-1, 4), ValueError, "n must be at least"),
+        ("learned positions std=0", lambda: attention.LearnedPositionEmbedding(3, 4, 0), ValueError, "std must be a p"),
+        ("conv kernel_size=True", lambda: conv.conv_output_size(8, True), ValueError, "kernel_size must be an int or"),
+        ("conv2d float64 weight", lambda: conv.conv2d(x, torch.randn(2, 3, 3, 3).double()), TypeError, "one dtype"),
+        ("convolve2d empty kernel", lambda: conv.convolve2d(np.ones((5, 5)), np.ones((0, 3))), ValueError, "not empty"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_arguments())), ids=[c[0] for c in _bad_arguments()])
+def test_models_and_functions_refuse_arguments_with_no_meaning(case):
+    _, call, error, message = _bad_arguments()[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_values_that_keep_a_meaning_are_still_accepted():
+    from companion import attention
+
+    assert attention.padding_mask([]).shape == (0, 0)  # no sequences (was a RuntimeError from max())
+    assert attention.causal_mask(0).shape == (0, 0)
+    assert attention.sinusoidal_position_encoding_2d(0, 2, 4).shape == (0, 4)
+    assert attention.MultiHeadAttention(8, 2, kdim=None).kdim == 8

@@ -15,7 +15,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,9 +80,7 @@ def cifar10() -> None:
 def test_fit_trains_two_epochs_on_cuda_with_the_data_there() -> None:
     companion.seed_everything(0)
     model = FastCNN((16, 16, 16))  # created on the CPU: fit moves it to the data's device
-    history = fit(
-        model, cuda_loader(), cuda_loader(shuffle=False, augment=False), epochs=2, tta_flip=True, progress=False
-    )
+    history = fit(model, cuda_loader(), cuda_loader(shuffle=False, augment=False), epochs=2, progress=False)
     assert history.device.startswith("cuda") and len(history.train_loss) == 2 and len(history.test_acc) == 2
     assert all(torch.isfinite(torch.tensor(history.train_loss))) and next(model.parameters()).device.type == CUDA.type
     loss, acc = evaluate(model, cuda_loader(shuffle=False, augment=False), tta_flip=True)
@@ -95,10 +92,10 @@ def test_predict_and_flip_tta_on_cuda_match_the_cpu() -> None:
     model = FastCNN((16, 16, 16)).eval()
     data = cuda_loader(shuffle=False, augment=False)
     for tta in (False, True):
-        logits, labels = predict(model.to(CUDA), data, tta_flip=tta, amp=False)
+        logits, labels = predict(model.to(CUDA), data, tta_flip=tta, precision="fp32")
         assert logits.device.type == "cpu" and labels.device.type == "cpu"  # predict hands back CPU tensors
         cpu_data = DeviceLoader(data.images.cpu(), data.labels.cpu(), data.batch_size, device="cpu")
-        cpu_logits, _ = predict(model.cpu(), cpu_data, tta_flip=tta, amp=False)
+        cpu_logits, _ = predict(model.cpu(), cpu_data, tta_flip=tta, precision="fp32")
         torch.testing.assert_close(logits, cpu_logits, atol=1e-3, rtol=1e-3)
 
 
@@ -194,7 +191,9 @@ def test_viz_helpers_take_cuda_tensors() -> None:
 
 
 def test_caption_decoder_trains_on_cuda() -> None:
-    from companion.models.caption import CaptionDecoder, WordVocab, train_captioner
+    from companion.models.caption import CaptionDecoder
+    from companion.recipes.caption import train_captioner
+    from companion.vocab import WordVocab
 
     companion.seed_everything(0)
     classes, templates = ["cat", "dog", "ship"], ["a photo of a {}.", "a picture of the {}."]
@@ -239,7 +238,7 @@ def test_chapter6_trainings_run_two_epochs_on_cuda(fake_cifar: Path) -> None:
     from companion.models.image_text import image_embeddings
     from companion.recipes.llm import LLM_RECIPE, train_linear_baseline, train_llm
 
-    recipe = replace(LLM_RECIPE, widths=(8, 8, 8), batch_size=8)
+    recipe = LLM_RECIPE.replace(widths=(8, 8, 8), batch_size=8)
     for run in (
         train_linear_baseline(epochs=2, root=fake_cifar, recipe=recipe, progress=False, verbose=False),
         train_llm(epochs=2, root=fake_cifar, recipe=recipe, encoder=StubTextEncoder(), progress=False, verbose=False),
@@ -256,8 +255,8 @@ def test_gpu_recipes_train_compiled_on_cuda(fake_cifar: Path) -> None:
     from companion.recipes.vit import VIT_RECIPE_GPU, train_vit
 
     small = {"quick_n_train": 40, "quick_n_test": 20}
-    cnn_recipe = replace(CNN_RECIPE_GPU, widths=(16, 16, 16), quick_batch_size=8, **small)
-    vit_recipe = replace(VIT_RECIPE_GPU, dim=32, depth=2, num_heads=2, batch_size=8, **small)
+    cnn_recipe = CNN_RECIPE_GPU.replace(widths=(16, 16, 16), quick_batch_size=8, **small)
+    vit_recipe = VIT_RECIPE_GPU.replace(dim=32, depth=2, num_heads=2, batch_size=8, **small)
     cnn = train_cnn(quick=True, epochs=2, root=fake_cifar, recipe=cnn_recipe, progress=False, verbose=False)
     vit = train_vit(quick=True, epochs=2, root=fake_cifar, recipe=vit_recipe, progress=False, verbose=False)
     for run in (cnn, vit):

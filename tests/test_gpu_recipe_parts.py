@@ -3,7 +3,7 @@ the weight average, translate-TTA in ``fit``/``evaluate``, and the recipes' fiel
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -14,14 +14,15 @@ from torch import nn
 import companion
 import companion.recipes.cnn as cnn_recipes
 import companion.recipes.vit as vit_recipes
-from companion.augment import AugmentLoader, tta_logits
+from companion.augment import AugmentLoader, ErasingLoader, tta_logits
 from companion.data import DeviceLoader
 from companion.models import FastCNN, ViT, count_parameters
 from companion.models.vit import LocalitySelfAttention, ShiftedPatchEmbedding
+from companion.optim import EMA, make_optimizer
 from companion.recipes.cnn import CNN_RECIPE, CNN_RECIPE_GPU, make_cnn, train_cnn
-from companion.recipes.common import Recipe, maybe_compile
-from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU, ErasingLoader, make_vit, train_vit, vit_data
-from companion.train import History, _optimizer, evaluate, fit, predict
+from companion.recipes.common import Recipe
+from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU, make_vit, train_vit, vit_data
+from companion.train import History, TrainConfig, evaluate, fit, predict
 
 
 def test_bn_scale_false_freezes_the_batchnorm_scales_at_one() -> None:
@@ -59,10 +60,11 @@ class SoftLabels:
             yield x, F.one_hot(y, 10).float()
 
 
-def run_fit(data, **kwargs) -> tuple[nn.Module, History]:
+def run_fit(data, ema: dict | None = None, **kwargs) -> tuple[nn.Module, History]:
     companion.seed_everything(0)
     model = FastCNN((8, 8, 8))
-    history = fit(model, data, tiny_data(16, 16), epochs=3, progress=False, **kwargs)
+    callbacks = [EMA(model, **ema)] if ema is not None else []
+    history = fit(model, data, tiny_data(16, 16), epochs=3, progress=False, callbacks=callbacks, **kwargs)
     return model, history
 
 
@@ -78,7 +80,7 @@ def test_fit_takes_soft_labels_and_one_hot_ones_train_exactly_as_hard_labels() -
 def test_default_optimizer_groups_are_todays() -> None:
     """With the options off, the groups are the old rule's (so the CPU recipes' figures cannot move)."""
     model = ViT(image_size=8, patch_size=4, dim=8, depth=1, num_heads=2)
-    opt = _optimizer(model, "adamw", 1e-3, 0.05, 0.9)
+    opt = make_optimizer(model, TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.05))
     want = [
         [p for p in model.parameters() if p.requires_grad and p.ndim >= 2],
         [p for p in model.parameters() if p.requires_grad and p.ndim < 2],
@@ -86,22 +88,22 @@ def test_default_optimizer_groups_are_todays() -> None:
     assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in w] for w in want]
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
-    opt = _optimizer(model, "sgd", 0.4, 5e-4, 0.9, no_decay=("cls_token", "pos_embedding"), vector_lr_scale=8)
+    opt = make_optimizer(model, TrainConfig(lr=0.4, weight_decay=5e-4, decay_embeddings=False, vector_lr_scale=8))
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.4, 3.2, 0.4])
     assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0, 0.0]
 
 
 def test_ema_in_fit_evaluates_and_returns_the_average() -> None:
     plain_model, plain = run_fit(tiny_data())
-    same_model, same = run_fit(tiny_data(), ema_decay=0.0)  # an average with no memory is the weights themselves
+    same_model, same = run_fit(tiny_data(), ema={"decay": 0.0})  # an average with no memory is the weights themselves
     for a, b in zip(plain_model.state_dict().values(), same_model.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert same.test_acc == plain.test_acc
-    model, history = run_fit(tiny_data(), ema_decay=0.9)
+    model, history = run_fit(tiny_data(), ema={"decay": 0.9})
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain_model.state_dict().values()))
     assert evaluate(model, tiny_data(16, 16))[1] == history.test_acc[-1]  # the reported model is the one returned
     assert history.train_loss == plain.train_loss  # a plain average watches training, it does not change it
-    _, lookahead = run_fit(tiny_data(), ema_decay=0.5, lookahead_every=2)
+    _, lookahead = run_fit(tiny_data(), ema={"decay": 0.5, "every": 2, "lookahead": True})
     assert lookahead.train_loss != plain.train_loss  # lookahead: the weights restart from the average
 
 
@@ -120,7 +122,7 @@ def test_translate_tta_in_evaluate() -> None:
 
 # The GPU recipes' switches: each off (at its Recipe default) in the CPU recipes, so their measured figures hold.
 GPU_SWITCHES = {
-    "no_decay": (),
+    "decay_embeddings": True,
     "vector_lr_scale": 1.0,
     "ema_decay": None,
     "lookahead_every": 0,
@@ -139,12 +141,13 @@ VIT_SWITCHES = GPU_SWITCHES | {
 
 
 def test_cpu_recipes_keep_every_gpu_switch_off_and_the_gpu_recipes_turn_them_on() -> None:
-    assert {k: getattr(CNN_RECIPE, k) for k in CNN_SWITCHES} == CNN_SWITCHES
-    assert {k: getattr(VIT_RECIPE, k) for k in VIT_SWITCHES} == VIT_SWITCHES
-    assert {f.name: f.default for f in fields(Recipe) if f.name in GPU_SWITCHES} == GPU_SWITCHES
-    cnn_on = {k for k, v in CNN_SWITCHES.items() if getattr(CNN_RECIPE_GPU, k) != v}
-    assert cnn_on == set(CNN_SWITCHES) - {"no_decay"}
-    vit_on = {k for k, v in VIT_SWITCHES.items() if getattr(VIT_RECIPE_GPU, k) != v}
+    assert {k: CNN_RECIPE.settings()[k] for k in CNN_SWITCHES} == CNN_SWITCHES
+    assert {k: VIT_RECIPE.settings()[k] for k in VIT_SWITCHES} == VIT_SWITCHES
+    defaults = {f.name: f.default for f in fields(Recipe)} | {f.name: f.default for f in fields(TrainConfig)}
+    assert {k: defaults[k] for k in GPU_SWITCHES} == GPU_SWITCHES
+    cnn_on = {k for k, v in CNN_SWITCHES.items() if CNN_RECIPE_GPU.settings()[k] != v}
+    assert cnn_on == set(CNN_SWITCHES) - {"decay_embeddings"}
+    vit_on = {k for k, v in VIT_SWITCHES.items() if VIT_RECIPE_GPU.settings()[k] != v}
     assert vit_on == set(VIT_SWITCHES) - {"vector_lr_scale", "lookahead_every", "tta_translate"}
     assert CNN_RECIPE_GPU.widths == (64, 256, 256)
 
@@ -160,12 +163,11 @@ def test_gpu_recipes_build_their_models() -> None:
     assert vit.blocks[-1].drop_path.p == VIT_RECIPE_GPU.drop_path and vit.blocks[0].drop_path.p == 0
 
 
-def test_maybe_compile_only_on_cuda() -> None:
+def test_compile_is_set_up_once_and_only_on_cuda() -> None:
+    companion.seed_everything(0)
     model = FastCNN((8, 8, 8))
-    assert maybe_compile(model, True, torch.device("cpu")) is model
-    assert maybe_compile(model, False, torch.device("cuda")) is model
-    compiled = maybe_compile(model, True, torch.device("cuda"))  # lazy: nothing compiles until it is called
-    assert compiled is not model and compiled._orig_mod is model
+    history = fit(model, tiny_data(), epochs=1, compile=True, progress=False)  # the CPU: compile is ignored
+    assert len(history.train_loss) == 1 and not hasattr(model, "_orig_mod")
 
 
 class Picked(Exception):
@@ -175,8 +177,8 @@ class Picked(Exception):
 @pytest.mark.parametrize(
     ("module", "train", "data", "gpu", "cpu"),
     [
-        (cnn_recipes, train_cnn, "cnn_data", CNN_RECIPE_GPU, CNN_RECIPE),
-        (vit_recipes, train_vit, "vit_data", VIT_RECIPE_GPU, VIT_RECIPE),
+        (cnn_recipes, train_cnn, "run", CNN_RECIPE_GPU, CNN_RECIPE),
+        (vit_recipes, train_vit, "run", VIT_RECIPE_GPU, VIT_RECIPE),
     ],
 )
 def test_trainers_pick_the_gpu_recipe_on_cuda_only(monkeypatch, module, train, data, gpu, cpu) -> None:
@@ -185,14 +187,14 @@ def test_trainers_pick_the_gpu_recipe_on_cuda_only(monkeypatch, module, train, d
 
     monkeypatch.setattr(module, data, stop)
     for device, want in (("cuda", gpu), ("cpu", cpu)):
-        monkeypatch.setattr(module, "best_device", lambda d=device: torch.device(d))
+        monkeypatch.setattr(module, "device", lambda d=device: torch.device(d))
         with pytest.raises(Picked) as picked:
             train(quick=True, progress=False)
         assert picked.value.args[0] == want.for_mode(True)
 
 
 def test_the_gpu_cnn_recipe_trains_end_to_end_on_the_cpu(fake_cifar: Path, capsys) -> None:
-    recipe = replace(CNN_RECIPE_GPU, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=8)
+    recipe = CNN_RECIPE_GPU.replace(widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=8)
     result = train_cnn(quick=True, epochs=2, root=fake_cifar, recipe=recipe, progress=False)
     assert "with flip+1px-shift TTA" in capsys.readouterr().out
     assert result.model is not None and not hasattr(result.model, "_orig_mod")  # not compiled on the CPU
@@ -201,7 +203,7 @@ def test_the_gpu_cnn_recipe_trains_end_to_end_on_the_cpu(fake_cifar: Path, capsy
 
 
 def test_the_gpu_vit_recipe_trains_end_to_end_on_the_cpu(fake_cifar: Path) -> None:
-    recipe = replace(VIT_RECIPE_GPU, dim=16, depth=2, num_heads=2, quick_n_train=40, quick_n_test=20, batch_size=8)
+    recipe = VIT_RECIPE_GPU.replace(dim=16, depth=2, num_heads=2, quick_n_train=40, quick_n_test=20, batch_size=8)
     recipe = recipe.for_mode(True)
     train, _ = vit_data(recipe, root=fake_cifar)
     assert isinstance(train, ErasingLoader) and isinstance(train.loader, AugmentLoader)

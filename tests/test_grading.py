@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import pytest
@@ -11,10 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from companion import grading
-from companion.attention import MultiHeadAttention, sinusoidal_position_encoding
+from companion.attention import (
+    MultiHeadAttention,
+    scaled_dot_product_attention,
+    sinusoidal_position_encoding,
+)
 from companion.conv import conv2d, conv2d_naive, max_pool2d
 from companion.models import EncoderBlock, SelfAttention2d
 from companion.models.vit import attention_rollout
+
+
+@pytest.fixture(autouse=True)
+def _library_calls_allowed(request, monkeypatch):
+    """The mutants are built from F.conv2d and friends, which the exercises forbid: allow them, except in the
+    tests of that rule (named test_forbidden_*)."""
+    if not request.node.name.startswith("test_forbidden"):
+        monkeypatch.setattr(grading, "_forbidden", lambda check: [])
 
 
 def _fails_with(check, fn, *fragments: str) -> str:
@@ -684,3 +697,59 @@ def test_checks_are_fast(check):
     start = time.perf_counter()
     check(REFERENCES[check])
     assert time.perf_counter() - start < 1.0
+
+
+# --- Forbidden calls: the exercises that say "do not call F.xxx" fail a solution that calls it ----------
+
+
+def _sdpa_alias():
+    from torch.nn.functional import scaled_dot_product_attention as sdpa  # bound before the check starts
+
+    return lambda q, k, v, mask=None: sdpa(q, k, v, attn_mask=mask)
+
+
+FORBIDDEN = {
+    "F.scaled_dot_product_attention": (grading.check_attention, F.scaled_dot_product_attention),
+    "F.scaled_dot_product_attention ": (grading.check_attention, _sdpa_alias()),
+    "companion.attention.scaled_dot_product_attention": (
+        grading.check_attention,
+        lambda q, k, v, mask=None: scaled_dot_product_attention(q, k, v, attn_mask=mask),
+    ),
+    "F.conv2d": (grading.check_conv2d, F.conv2d),
+    "companion.conv.conv2d_naive": (grading.check_conv2d, conv2d_naive),
+    "F.max_pool2d": (
+        grading.check_max_pool2d,
+        lambda x, k, stride=None, padding=0: nn.MaxPool2d(k, stride, padding)(x),
+    ),
+    "F.batch_norm": (grading.check_batch_norm, lambda x, w, b, eps=1e-5: F.batch_norm(x, None, None, w, b, True)),
+    "F.cross_entropy": (grading.check_label_smoothing, lambda z, y, e: F.cross_entropy(z, y, label_smoothing=e)),
+    "F.unfold": (grading.check_patchify, lambda x, p: F.unfold(x, p, stride=p).transpose(1, 2)),
+    "companion.attention.causal_mask": (
+        grading.check_causal_mask,
+        __import__("companion.attention").attention.causal_mask,
+    ),
+    "companion.models.EncoderBlock": (grading.check_encoder_block, type("Sub", (EncoderBlock,), {})),
+    "companion.models.vit.attention_rollout": (grading.check_attention_rollout, attention_rollout),
+}
+
+
+@pytest.mark.parametrize("name", FORBIDDEN)
+def test_forbidden_call_fails_however_it_is_imported(name):
+    check, fn = FORBIDDEN[name]
+    _fails_with(check, fn, f"your code calls {name.strip()}", "asks you not to use")
+
+
+def test_forbidden_calls_leave_allowed_code_alone():
+    grading.check_attention(attention)  # softmax and matmul: allowed
+    grading.check_max_pool2d(lambda x, k, stride=None, padding=0: _unfold_pool(x, k, stride, padding))
+    assert sys.getprofile() is None  # the watch ends with the check
+    with pytest.raises(AssertionError):
+        grading.check_conv2d(F.conv2d)
+    assert sys.getprofile() is None
+
+
+def _unfold_pool(x, k, stride, padding):
+    k, s = (k, k) if isinstance(k, int) else k, stride or k
+    s = (s, s) if isinstance(s, int) else s
+    x = F.pad(x, (padding,) * 4, value=float("-inf"))
+    return x.unfold(2, k[0], s[0]).unfold(3, k[1], s[1]).amax((-1, -2))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import types
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
@@ -14,17 +13,12 @@ import torch.nn.functional as F
 from companion import llm
 from companion.data import CIFAR10_CLASSES
 from companion.llm import TEMPLATES, TextEncoder, class_embeddings, ensemble, text_to_label
-from companion.models import (
-    CaptionDecoder,
-    CNNEncoder,
-    CosineClassifier,
-    FastCNN,
-    ImageTextClassifier,
-    WordVocab,
-    caption,
-    train_captioner,
-)
-from companion.recipes.llm import LLM_RECIPE, llm_data, train_linear_baseline, train_llm
+from companion.models import AttentionCNN, CaptionDecoder, CNNEncoder, CosineClassifier, FastCNN, ImageTextClassifier
+from companion.recipes import caption
+from companion.recipes.caption import train_captioner
+from companion.recipes.common import cifar10_loaders
+from companion.recipes.llm import LLM_RECIPE, train_linear_baseline, train_llm
+from companion.vocab import WordVocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,16 +183,29 @@ def test_cnn_encoder_is_the_fastcnn_body() -> None:
     torch.manual_seed(0)
     cnn = FastCNN((8, 16, 32)).eval()
     x = torch.randn(4, 3, 32, 32)
+    head, logits = cnn.head, cnn(x)
+    body = {k for k in cnn.state_dict() if not k.startswith("head.")}
     enc = CNNEncoder(cnn)
-    torch.testing.assert_close(cnn.head(enc(x)) * cnn.logit_scale, cnn(x))
+    torch.testing.assert_close(head(enc(x)) * cnn.logit_scale, logits)
     assert enc.forward_features(x).shape == (4, 32, 3, 3)
     torch.testing.assert_close(enc.forward_features(x), cnn.forward_features(x))
-    assert set(enc.state_dict()) == {k for k in cnn.state_dict() if not k.startswith("head.")}  # same names
-    model = ImageTextClassifier(cnn, torch.randn(10, 24))
+    assert set(enc.state_dict()) == {f"cnn.{k}" for k in body}  # the CNN's body, its head gone
+    model = ImageTextClassifier(FastCNN((8, 16, 32)), torch.randn(10, 24))
     assert model(x).shape == (4, 10)
     torch.testing.assert_close(model.embed(x).norm(dim=1), torch.ones(4))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         enc(torch.randn(3, 32, 32))
+
+
+def test_cnn_encoder_keeps_an_attention_cnns_block() -> None:
+    torch.manual_seed(0)
+    cnn = AttentionCNN((8, 16, 32), attention_after=2).eval()
+    with torch.no_grad():
+        cnn.attention.gamma.fill_(1.0)  # the block now changes the features (gamma starts at 0)
+    x = torch.randn(2, 3, 32, 32)
+    want = cnn.forward_features(x)
+    assert not torch.allclose(FastCNN.forward_features(cnn, x), want)  # without the block: other features
+    torch.testing.assert_close(CNNEncoder(cnn).forward_features(x), want)  # the block is used, not skipped
 
 
 def test_vocab_round_trip_and_errors() -> None:
@@ -255,9 +262,9 @@ def test_caption_decoder_learns_to_name_the_class(monkeypatch: pytest.MonkeyPatc
     dec = CaptionDecoder(len(vocab), 16, dim=32, depth=1, num_heads=2, max_len=9)
     calls = []
     real_fit = caption.fit
-    monkeypatch.setattr(caption, "fit", lambda *a, **kw: calls.append(kw) or real_fit(*a, **kw))
+    monkeypatch.setattr(caption, "fit", lambda *a, **kw: calls.append(kw["config"]) or real_fit(*a, **kw))
     losses = train_captioner(dec, fmaps, labels, captions, epochs=8, batch_size=32, lr=3e-3, progress=False)
-    assert len(calls) == 1 and calls[0]["ignore_index"] == WordVocab.PAD  # the one training loop, padding unscored
+    assert len(calls) == 1 and calls[0].ignore_index == WordVocab.PAD  # the one training loop, padding unscored
     assert len(losses) == 8 and losses[-1] < 0.5 * losses[0]
     words = [text.split()[-1].rstrip(".") for text in vocab.decode(dec.generate(prototypes))]
     assert words == classes
@@ -265,25 +272,18 @@ def test_caption_decoder_learns_to_name_the_class(monkeypatch: pytest.MonkeyPatc
 
 def test_recipe_trains_on_the_chosen_classes_only(fake_cifar, encoder: TextEncoder, capsys) -> None:
     tmp_path = fake_cifar
-    recipe = replace(LLM_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, batch_size=4)
-    train, test, seen = llm_data(recipe.for_mode(True), root=tmp_path, classes=("cat", "truck"))
-    assert sorted(seen.unique().tolist()) == [3, 9] and set(train.labels.tolist()) == {0, 1} and len(test.labels) == 4
-    result = train_llm(
-        quick=True,
-        epochs=1,
-        root=tmp_path,
-        recipe=recipe,
-        encoder=encoder,
-        classes=("dog", "ship", "frog"),
-        progress=False,
-    )
+    recipe = LLM_RECIPE.replace(widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, batch_size=4)
+    train, test = cifar10_loaders(recipe.for_mode(True).replace(classes=("cat", "truck")), root=tmp_path)
+    assert set(train.labels.tolist()) == {0, 1} and len(test.labels) == 4  # 2 of each class among the 20
+    three = recipe.replace(classes=("dog", "ship", "frog"))
+    result = train_llm(quick=True, epochs=1, root=tmp_path, recipe=three, encoder=encoder, progress=False)
     assert "test accuracy" in capsys.readouterr().out
-    assert sorted(result.train_labels_cifar10.unique().tolist()) == [5, 6, 8]
-    assert result.model.head.text.shape == (3, 384) and result.classes == ("dog", "ship", "frog")
+    assert sorted(result.train_labels.unique().tolist()) == [0, 1, 2] and result.recipe.classes == three.classes
+    assert result.model.head.text.shape == (3, 384) and 0 < result.notes["temperature"] < 1
     baseline = train_linear_baseline(quick=True, epochs=1, root=tmp_path, recipe=recipe, progress=False, verbose=False)
     assert baseline.model.head.out_features == 10 and baseline.params < result.params
     with pytest.raises(ValueError, match="distinct CIFAR-10 class names"):
-        llm_data(recipe, root=tmp_path, classes=("cat", "kitten"))
+        recipe.replace(classes=("cat", "kitten"))
 
 
 def test_bench_text_times_every_prompt(capsys, monkeypatch) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import pytest
 import torch
@@ -181,7 +180,7 @@ def test_patch_whitening_decorrelates_patches() -> None:
 
 def test_train_cnn_end_to_end(fake_cifar, capsys) -> None:
     tmp_path = fake_cifar
-    recipe = replace(CNN_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=16)
+    recipe = CNN_RECIPE.replace(widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=16)
     save = tmp_path / "cnn.safetensors"
     result = train_cnn(quick=True, epochs=2, root=tmp_path, save=save, recipe=recipe, progress=False)
     line = capsys.readouterr().out
@@ -197,7 +196,7 @@ def test_train_cnn_end_to_end(fake_cifar, capsys) -> None:
 def test_make_cnn_needs_images_to_whiten() -> None:
     with pytest.raises(ValueError, match="needs whiten_images"):
         make_cnn(CNN_RECIPE)
-    model = make_cnn(replace(CNN_RECIPE, whiten=False, widths=(8, 8, 8)))
+    model = make_cnn(CNN_RECIPE.replace(whiten=False, widths=(8, 8, 8)))
     assert model.stem.weight.requires_grad and model.stages[0].convs[0].weight.is_contiguous(
         memory_format=torch.channels_last
     )

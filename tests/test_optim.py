@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from companion.models import FastCNN, ViT
-from companion.optim import EMA, param_groups
+from companion.optim import EMA, make_optimizer, param_groups
+from companion.train import TrainConfig
 
 
 def decayed(model: nn.Module, groups: list[dict]) -> set[str]:
@@ -27,6 +28,22 @@ def test_vit_groups_skip_norms_biases_and_optionally_the_embeddings() -> None:
     assert all(not n.endswith("bias") and "norm" not in n for n in decayed(model, groups))
     total = sum(len(g["params"]) for g in groups)
     assert total == len(list(model.parameters()))  # every trainable parameter in exactly one group
+
+
+def test_make_optimizer_asks_the_model_which_parameters_skip_decay() -> None:
+    model = ViT(image_size=8, patch_size=4, dim=8, depth=2, num_heads=2)
+    assert model.no_weight_decay() == {"cls_token", "pos_embedding"}  # timm's convention, said by the model
+    matrices = {n for n, p in model.named_parameters() if p.ndim >= 2}
+    opt = make_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.05))
+    assert isinstance(opt, torch.optim.AdamW) and decayed(model, opt.param_groups) == matrices  # default: all
+    opt = make_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.05, decay_embeddings=False))
+    assert decayed(model, opt.param_groups) == matrices - {"cls_token", "pos_embedding"}
+    sgd = make_optimizer(model, TrainConfig(lr=0.1, vector_lr_scale=4.0))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.param_groups[1]["lr"] == 0.4
+    # no class token, fixed sine-cosine positions: nothing to name (a name without a parameter would be an error)
+    plain = ViT(image_size=8, patch_size=4, dim=8, depth=1, num_heads=2, pool="mean", pos_embedding="sincos")
+    assert plain.no_weight_decay() == set()
+    make_optimizer(plain, TrainConfig(decay_embeddings=False))
 
 
 def test_frozen_parameters_are_left_out_and_unknown_names_are_errors() -> None:

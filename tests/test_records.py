@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,13 +54,23 @@ def test_nan_refused_before_writing(records: Path) -> None:
     assert not records.exists() or not list(records.iterdir())
 
 
-def test_corrupt_record_named_in_error(records: Path) -> None:
-    write_record({"x": 1}, "good")
+def test_a_bad_record_is_skipped_with_a_warning_naming_it(records: Path) -> None:
+    write_record({"test_acc": 0.5}, "good")
     (records / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
-        read_records()
-    (records / "bad.json").write_text(json.dumps({"name": "bad"}))
-    assert [r["name"] for r in read_records()] == ["bad", "good"]
+    with pytest.warns(UserWarning, match="bad.json.*not readable JSON"):
+        assert [r["name"] for r in read_records()] == ["good"]  # the other rows still show
+    for empty in ({"name": "bad"}, [], {"test_acc": None}, {"test_acc": "0.9"}):
+        (records / "bad.json").write_text(json.dumps(empty))
+        with pytest.warns(UserWarning, match="bad.json.*no test accuracy"):
+            assert [r["name"] for r in read_records()] == ["good"]
+    (records / "bad.json").write_text('{"test_acc": NaN}')  # Python's json reads NaN; the page must not show it
+    with pytest.warns(UserWarning, match="bad.json"):
+        assert [r["name"] for r in read_records()] == ["good"]
+
+
+def test_a_value_json_cannot_hold_is_a_clear_error(records: Path) -> None:
+    with pytest.raises(ValueError, match="holds a value JSON cannot store"):
+        write_record({"test_acc": 0.5, "lr": object()}, "odd")
 
 
 def test_record_name_same_for_a_rerun_different_for_another_configuration(records: Path) -> None:
@@ -87,18 +96,37 @@ def test_record_name_same_for_a_rerun_different_for_another_configuration(record
     assert write_record(run, name) == records / f"{name}.json"  # a valid file name
 
 
-TINY = replace(CNN_RECIPE, widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=16)
+TINY = CNN_RECIPE.replace(widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=16)
 
 
-def test_a_reported_run_writes_its_record(records: Path, fake_cifar: Path) -> None:
-    train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False, verbose=False)
-    assert not read_records()  # not reported, not recorded
-    result = train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False)
+def test_a_run_writes_its_record_and_each_seed_has_its_own(records: Path, fake_cifar: Path, capsys) -> None:
+    train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False, record=False)
+    assert not read_records()  # asked not to record
+    capsys.readouterr()
+    result = train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False, verbose=False)
+    assert capsys.readouterr().out == ""  # quiet, and still recorded: printing and recording are two choices
     (record,) = read_records()
-    assert record["name"] == record_name(result.record())
+    assert record["name"] == record_name(result.record()) and record["seed"] == 0
     assert {k: record[k] for k in result.record()} == json.loads(json.dumps(result.record()))
     train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False)
-    assert len(read_records()) == 1  # the same configuration again: replaced, not added
+    assert len(read_records()) == 1  # the same configuration and seed again: replaced, not added
+    train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False, seed=1)
+    assert sorted(r["seed"] for r in read_records()) == [0, 1]  # another seed is another run: both rows stay
+
+
+def test_a_failing_record_never_costs_the_weights(
+    records: Path, fake_cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from companion.recipes import common
+
+    def unwritable(record: dict, name: str) -> Path:
+        raise ValueError("record 'x' holds a value JSON cannot store")
+
+    monkeypatch.setattr(common, "write_record", unwritable)
+    target = tmp_path / "w.safetensors"
+    with pytest.warns(UserWarning, match="could not write the result record"):
+        train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=TINY, progress=False, save=target)
+    assert target.stat().st_size > 0  # the weights were written first
 
 
 def test_an_unwritable_records_folder_keeps_the_run(

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import companion
 from companion.data import DeviceLoader
-from companion.train import _schedule, evaluate, fit, predict
+from companion.train import TrainConfig, _schedule, evaluate, fit, predict
 
 
 def tiny_cnn() -> nn.Module:
@@ -69,10 +74,54 @@ def test_bad_training_arguments():
         fit(model, data, optimizer="adam", progress=False)
     with pytest.raises(ValueError, match="schedule must be"):
         fit(model, data, schedule="step", progress=False)
-    with pytest.raises(ValueError, match="warmup is a fraction"):
+    with pytest.raises(ValueError, match="warmup must be a fraction"):
         fit(model, data, warmup=5, progress=False)
-    with pytest.raises(ValueError, match="epochs must be at least 1"):
+    with pytest.raises(ValueError, match="epochs must be a whole number >= 1"):
         fit(model, data, epochs=0, progress=False)
+    with pytest.raises(TypeError, match="unknown settings \\['tta_flip'\\]"):
+        fit(model, data, tta_flip=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("grad_clip", -1.0, "positive finite gradient norm"),  # a negative norm would make gradient ascent
+        ("grad_clip", 0.0, "None for no clipping"),  # 0 would mean no training at all
+        ("grad_clip", math.inf, "positive finite"),
+        ("lr", -0.1, "positive finite"),
+        ("lr", math.nan, "positive finite"),
+        ("momentum", 1.0, r"\[0, 1\)"),
+        ("weight_decay", -5e-4, ">= 0"),
+        ("label_smoothing", 1.0, r"\[0, 1\)"),
+        ("epochs", 2.5, "whole number"),
+        ("epochs", True, "whole number"),
+        ("precision", "fp16", "'auto', 'bf16' or 'fp32'"),
+        ("vector_lr_scale", 0, "positive"),
+        ("compile", "yes", "True or False"),
+    ],
+)
+def test_train_config_refuses_values_without_meaning(name: str, value: object, allowed: str) -> None:
+    with pytest.raises(ValueError, match=f"TrainConfig.{name} must be .*{allowed}"):
+        TrainConfig(**{name: value})
+
+
+def test_train_config_defaults_and_plain_numbers() -> None:
+    assert TrainConfig().lr == 0.05 and TrainConfig(optimizer="adamw").lr == 1e-3  # each optimiser's usual start
+    config = TrainConfig(lr=np.float32(0.1), grad_clip=np.float64(1.0))
+    assert type(config.lr) is float and type(config.grad_clip) is float  # JSON-able in records
+    assert json.loads(json.dumps(dataclasses.asdict(config)))["lr"] == pytest.approx(0.1)
+
+
+def test_fit_takes_a_config_whole_or_as_overrides() -> None:
+    data = tiny_batch()
+    config = TrainConfig(epochs=2, optimizer="adamw", lr=3e-3, progress=False)
+    torch.manual_seed(0)
+    whole = fit(tiny_cnn(), data, config=config)
+    torch.manual_seed(0)
+    short = fit(tiny_cnn(), data, epochs=2, optimizer="adamw", lr=3e-3, progress=False)
+    assert whole.train_loss == short.train_loss and len(whole.train_loss) == 2
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        fit(tiny_cnn(), data, None, {"epochs": 2})
 
 
 class Fixed(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import pytest
 import torch
@@ -12,9 +11,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from companion.attention import sinusoidal_position_encoding_2d
+from companion.augment import ErasingLoader
 from companion.models import EncoderBlock, PatchEmbedding, ViT, count_flops, load_weights
 from companion.models.vit import attention_rollout
-from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU, ErasingLoader, make_vit, train_vit
+from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU, make_vit, train_vit
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32
 
@@ -246,13 +246,13 @@ def test_recipes_build_and_train_a_step() -> None:
 
 
 def test_train_vit_end_to_end(fake_cifar, tmp_path, capsys) -> None:
-    recipe = replace(VIT_RECIPE, dim=16, depth=1, num_heads=2, erase=0.5, batch_size=16)
-    recipe = replace(recipe, quick_n_train=40, quick_n_test=20)
+    recipe = VIT_RECIPE.replace(dim=16, depth=1, num_heads=2, erase=0.5, batch_size=16)
+    recipe = recipe.replace(quick_n_train=40, quick_n_test=20)
     save = tmp_path / "vit.safetensors"
     result = train_vit(quick=True, epochs=2, root=fake_cifar, save=save, recipe=recipe, progress=False)
-    line = capsys.readouterr().out
+    saved, line = capsys.readouterr().out.splitlines()  # the weights are written first, then the result line
     assert line.startswith("ViT cpu recipe (dim 16, depth 1") and "(quick, 2 epochs, 40 training images)" in line
-    assert "flip-TTA" in line and f"weights saved to {save}" in line
+    assert "flip-TTA" in line and saved == f"weights saved to {save}"
     assert result.n_train == 40 and len(result.history.test_acc) == 2 and result.recipe.erase == 0.5
     assert result.recipe.batch_size == 16  # quick mode keeps the recipe's batch size (quick_batch_size None)
     assert 0 <= result.test_acc <= 1 and 0 <= result.test_acc_tta <= 1 and result.train_seconds > 0

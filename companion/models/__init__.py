@@ -1,6 +1,6 @@
 """The book's models and the helpers they share."""
 
-from companion.models.caption import CaptionDecoder, DecoderBlock, WordVocab, train_captioner  # noqa: F401
+from companion.models.caption import CaptionDecoder, DecoderBlock  # noqa: F401
 from companion.models.cnn import FastCNN, SimpleCNN  # noqa: F401
 from companion.models.common import (  # noqa: F401
     count_flops,

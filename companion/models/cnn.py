@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from companion.checks import check_images
+from companion.validation import validate_images, validate_int, validate_positive
 
 __all__ = ["ConvGroup", "FastCNN", "SimpleCNN", "patch_whitening"]
 
@@ -22,6 +22,7 @@ class SimpleCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
+        validate_int(num_classes, "num_classes")
         self.conv1 = nn.Conv2d(3, 6, kernel_size=5)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
         self.pool = nn.MaxPool2d(2)
@@ -30,7 +31,7 @@ class SimpleCNN(nn.Module):
         self.fc3 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_images(x, "SimpleCNN", 3, 32)  # the 400 inputs of fc1 are 16 maps of 5x5: only 32x32 fits
+        validate_images(x, "SimpleCNN", 3, 32)  # the 400 inputs of fc1 are 16 maps of 5x5: only 32x32 fits
         x = self.pool(F.relu(self.conv1(x)))  # (B, 6, 14, 14)
         x = self.pool(F.relu(self.conv2(x)))  # (B, 16, 5, 5)
         x = x.flatten(1)  # (B, 400)
@@ -49,7 +50,8 @@ class ConvGroup(nn.Module):
         self, in_channels: int, out_channels: int, depth: int = 2, batch_norm: bool = True, bn_scale: bool = True
     ) -> None:
         super().__init__()
-        if depth < 1:
+        validate_int(in_channels, "in_channels"), validate_int(out_channels, "out_channels")
+        if validate_int(depth, "depth", minimum=None) < 1:
             raise ValueError(f"depth must be at least 1 convolution per stage, got {depth}")
         self.convs = nn.ModuleList(
             nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1, bias=not batch_norm)
@@ -88,8 +90,11 @@ class FastCNN(nn.Module):
         bn_scale: bool = True,
     ) -> None:
         super().__init__()
-        if not widths or min(widths) < 1:
-            raise ValueError(f"widths must be a non-empty tuple of positive channel counts, got {widths!r}")
+        ok = isinstance(widths, (tuple, list)) and widths
+        if not ok or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+            raise ValueError(f"widths must be a non-empty tuple of positive channel counts (ints), got {widths!r}")
+        validate_int(num_classes, "num_classes"), validate_int(stem_width, "stem_width")
+        validate_positive(logit_scale, "logit_scale", " (the logits are the head's outputs times it)")
         self.stem = nn.Conv2d(3, stem_width, kernel_size=2, bias=True)  # 2x2 patches: 32x32 -> 31x31
         chans = (stem_width, *widths)
         self.stages = nn.ModuleList(
@@ -109,7 +114,7 @@ class FastCNN(nn.Module):
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images, checked -> (B, stem_width, H-1, W-1) activations of the stem."""
-        check_images(x, type(self).__name__, 3, min_size=self.min_size)
+        validate_images(x, type(self).__name__, 3, min_size=self.min_size)
         x = x.contiguous(memory_format=torch.channels_last)  # NHWC: several times faster convolutions on CPU
         return F.gelu(self.stem(x))  # (B, stem_width, 31, 31)
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+from companion.files import atomic_write
 
 __all__ = ["count_flops", "count_parameters", "format_table", "load_weights", "save_weights", "summary"]
 
@@ -94,12 +97,37 @@ def format_table(rows: Sequence[Sequence], headers: Sequence[str] | None = None)
     return "\n".join([line(headers), line(["-" * w for w in width])] + [line(t) for t in text])
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model.state_dict()`` (parameters and buffers) to a ``.safetensors`` file."""
-    from safetensors.torch import save_file
+def _tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names in ``state`` that are one tensor (tied weights, e.g. an LM head sharing the token embedding)."""
+    by_tensor: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        if t.numel():  # empty tensors all sit at address 0 without being one tensor
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            by_tensor.setdefault(key, []).append(name)
+    return [names for names in by_tensor.values() if len(names) > 1]
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # channels_last -> dense
-    save_file(state, os.fspath(path))
+
+def save_weights(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write ``model.state_dict()`` (parameters and buffers) to a ``.safetensors`` file and return its path.
+
+    Tied weights (one tensor under several names) are stored once, under the first name; ``load_weights`` ties
+    them again from the model. The file is written whole or not at all, with a mode that follows the umask
+    (``companion.files.atomic_write``); ``overwrite=False`` refuses to replace an existing file (FileExistsError).
+    """
+    import safetensors.torch
+
+    state = model.state_dict()
+    copies = {name for names in _tied_groups(state) for name in names[1:]}
+    tensors, storages = {}, set()
+    for name, t in state.items():
+        if name in copies:
+            continue
+        t = t.detach().cpu().contiguous()  # channels_last -> dense
+        if t.numel() and t.untyped_storage().data_ptr() in storages:
+            t = t.clone()  # a view of another entry (not the same tensor): safetensors stores no overlaps
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+    return atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors)), overwrite=overwrite)
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -107,6 +135,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a weights file; give the .safetensors file's path")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weights file at {path}; write one with save_weights(model, path)")
     p = next(model.parameters(), None)
@@ -119,8 +149,36 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             "interrupted copy or save?) or another format (torch.save's .pt?); save the weights again with "
             "save_weights(model, path)"
         ) from err
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"the weights in {path} do not fit this model (another architecture or size?): {err}") from err
+    want = model.state_dict()
+    for names in _tied_groups(want):  # tied weights are stored once: every name of the tensor gets that value
+        stored = [n for n in names if n in state]
+        for name in names:
+            if stored:
+                state.setdefault(name, state[stored[0]])
+    problems = _mismatch(state, want)
+    if problems:
+        raise ValueError(
+            f"the weights in {path} do not fit this model ({type(model).__name__}; another architecture or size?): "
+            f"{problems}; load them into the model they were saved from, built with the same settings"
+        )
+    model.load_state_dict(state)
     return model
+
+
+def _mismatch(state: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``want``, in one line ('' if nothing)."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(want[k].shape)} in the model"
+        for k in want
+        if k in state and state[k].shape != want[k].shape
+    ]
+    parts = [f"{len(missing)} missing ({some(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} not in the model ({some(unexpected)})"] if unexpected else []
+    parts += [f"{len(shapes)} of another shape ({some(shapes)})"] if shapes else []
+    return "; ".join(parts)

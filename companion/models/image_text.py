@@ -21,19 +21,21 @@ __all__ = ["CNNEncoder", "CosineClassifier", "ImageTextClassifier", "image_embed
 
 
 class CNNEncoder(nn.Module):
-    """The Chapter 3 FastCNN without its linear head: images -> feature map, or globally max-pooled features.
+    """A Chapter 3 FastCNN (or AttentionCNN) without its linear head: images -> feature map, or pooled features.
 
-    It shares the CNN's stem and stages (the same modules, not copies) and runs them with FastCNN's own
-    ``forward_stem`` and ``forward_features``, so the body is written once, in ``FastCNN``.
+    It holds the CNN it is given and runs that model's own ``forward_features``, so an ``AttentionCNN`` keeps its
+    attention block. The CNN's linear head is replaced by ``nn.Identity``: the encoder owns the CNN from now on.
     """
-
-    forward_stem = FastCNN.forward_stem
-    forward_features = FastCNN.forward_features  # (B, 3, H, W) normalised images -> (B, C, h, w)
 
     def __init__(self, cnn: FastCNN) -> None:
         super().__init__()
-        self.stem, self.stages, self.min_size = cnn.stem, cnn.stages, cnn.min_size
         self.out_dim = cnn.head.in_features
+        cnn.head = nn.Identity()  # unused here: no parameters that never get a gradient
+        self.cnn = cnn
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) normalised images -> (B, C, h, w) feature map, by the CNN's own forward_features."""
+        return self.cnn.forward_features(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, C): global max pooling, as in FastCNN."""

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from companion.attention import scaled_dot_product_attention
-from companion.checks import check_images
 from companion.models.cnn import FastCNN
+from companion.validation import validate_images, validate_int, validate_positive
 
 __all__ = ["AttentionCNN", "SelfAttention2d"]
 
@@ -28,6 +28,9 @@ class SelfAttention2d(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 8, scale: float | None = 1.0) -> None:
         super().__init__()
+        validate_int(channels, "channels"), validate_int(reduction, "reduction", minimum=None)
+        if scale is not None:
+            validate_positive(scale, "scale", " (the factor on Q K^T), or None for 1 / sqrt(d_k)")
         if reduction < 1 or channels // reduction < 1:
             raise ValueError(
                 f"channels // reduction must be at least 1 (queries and keys get that many channels), "
@@ -45,7 +48,7 @@ class SelfAttention2d(nn.Module):
         Row ``i`` of the map holds the weights with which position ``i`` (row-major, ``i = h * W + w``)
         averages all positions; each row sums to 1.
         """
-        check_images(x, "SelfAttention2d", self.channels)
+        validate_images(x, "SelfAttention2d", self.channels)
         B, C, H, W = x.shape
         q = self.query(x).flatten(2).transpose(1, 2)  # (B, HW, C/r): one query per position
         k = self.key(x).flatten(2).transpose(1, 2)  # (B, HW, C/r)
@@ -81,7 +84,7 @@ class AttentionCNN(FastCNN):
         scale: float | None = 1.0,
     ) -> None:
         super().__init__(widths, depth_per_stage, num_classes, stem_width, batch_norm, logit_scale)
-        if not 1 <= attention_after <= len(widths):
+        if not 1 <= validate_int(attention_after, "attention_after", minimum=None) <= len(widths):
             raise ValueError(
                 f"attention_after must name a stage, 1 to {len(widths)} for widths={tuple(widths)}, got "
                 f"{attention_after}"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from companion.attention import MultiHeadAttention, scaled_dot_product_attention, sinusoidal_position_encoding_2d
-from companion.checks import check_divides, check_images
+from companion.validation import validate_divides, validate_images, validate_int, validate_positive
 
 __all__ = [
     "DropPath",
@@ -44,7 +44,8 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, image_size: int = 32, patch_size: int = 4, in_channels: int = 3, dim: int = 192) -> None:
         super().__init__()
-        check_divides(image_size, patch_size, "image_size", "patch_size", "the patches must tile the image exactly")
+        validate_int(in_channels, "in_channels"), validate_int(dim, "dim")
+        validate_divides(image_size, patch_size, "image_size", "patch_size", "the patches must tile the image exactly")
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size**2
@@ -54,7 +55,7 @@ class PatchEmbedding(nn.Module):
         """(B, C, H, W) images -> (B, N, C * p * p) flattened patches, in row-major patch order."""
         s = self.image_size
         hint = f"; resize or crop the images to {s}x{s}, or build a model for square images of another side"
-        check_images(x, "this model", self.in_channels, s, hint=hint)
+        validate_images(x, "this model", self.in_channels, s, hint=hint)
         B, C, _, _ = x.shape
         p, g = self.patch_size, self.grid_size
         x = x.reshape(B, C, g, p, g, p)  # (B, C, row, i, col, j)
@@ -96,7 +97,7 @@ class ShiftedPatchEmbedding(nn.Module):
         """(B, C, H, W) -> (B, 5C, H, W): the image, then its copies moved up-left, up-right, down-left, down-right."""
         s = self.image_size
         hint = f"; resize or crop the images to {s}x{s}, or build a model for square images of another side"
-        check_images(x, "this model", self.in_channels, s, hint=hint)
+        validate_images(x, "this model", self.in_channels, s, hint=hint)
         s, H, W = self.shift_by, x.shape[2], x.shape[3]
         padded = F.pad(x, (s, s, s, s))  # (B, C, H + 2s, W + 2s)
         moves = ((s, s), (s, -s), (-s, s), (-s, -s))  # crop offsets: the content moves up-left, up-right, ...
@@ -184,6 +185,7 @@ class EncoderBlock(nn.Module):
         locality: bool = False,
     ) -> None:
         super().__init__()
+        validate_int(mlp_dim, "mlp_dim"), validate_positive(eps, "eps", " (added to the LayerNorm variance)")
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         attention = LocalitySelfAttention if locality else MultiHeadAttention
         self.attn = attention(dim, num_heads, dropout=dropout)
@@ -205,8 +207,8 @@ class EncoderBlock(nn.Module):
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer) -> EncoderBlock:
-        """An EncoderBlock holding a copy of the weights of a pre-norm, GELU, batch-first "
-        "``nn.TransformerEncoderLayer``."""
+        """An EncoderBlock holding a copy of the weights of a pre-norm, GELU, batch-first
+        ``nn.TransformerEncoderLayer``."""
         problems = []
         if not layer.norm_first:
             problems.append("norm_first=True (ours is pre-norm)")
@@ -261,8 +263,14 @@ class ViT(nn.Module):
             raise ValueError(f"pool must be 'cls' (class token) or 'mean' (average of the patch tokens), got {pool!r}")
         if pos_embedding not in {"learned", "sincos"}:
             raise ValueError(f"pos_embedding must be 'learned' or 'sincos', got {pos_embedding!r}")
-        if depth < 1:
+        if validate_int(depth, "depth", minimum=None) < 1:
             raise ValueError(f"depth must be at least 1 encoder block, got {depth}")
+        validate_int(num_classes, "num_classes"), validate_int(dim, "dim")
+        mlp_dim = round(validate_positive(mlp_ratio, "mlp_ratio", " (the MLP's width over dim)") * dim)
+        if mlp_dim < 1:
+            raise ValueError(
+                f"mlp_ratio={mlp_ratio} gives an MLP of {mlp_dim} units for dim={dim}; use at least 1 / dim"
+            )
         self.pool = pool
         embedding = ShiftedPatchEmbedding if shifted_patches else PatchEmbedding
         self.patch_embed = embedding(image_size, patch_size, in_channels, dim)
@@ -277,8 +285,7 @@ class ViT(nn.Module):
             self.register_buffer("pos_embedding", torch.cat([torch.zeros(num_tokens - g * g, dim), grid]))
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth: 0 first, drop_path last
         self.blocks = nn.ModuleList(
-            EncoderBlock(dim, num_heads, round(mlp_ratio * dim), dropout, drop_path=r, locality=locality_attention)
-            for r in rates
+            EncoderBlock(dim, num_heads, mlp_dim, dropout, drop_path=r, locality=locality_attention) for r in rates
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -292,9 +299,13 @@ class ViT(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """The parameters that should get no weight decay (timm's convention): the class token, learned positions."""
+        return {name for name in ("cls_token", "pos_embedding") if isinstance(getattr(self, name), nn.Parameter)}
+
     def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """(B, C, H, W) images -> (B, num_classes) logits, and with ``return_attention`` a list of (B, "
-        "heads, T, T) per block."""
+        """(B, C, H, W) images -> (B, num_classes) logits, and with ``return_attention`` a list of (B,
+        heads, T, T) per block."""
         x = self.patch_embed(x)  # (B, N, dim)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, T = 1 + N, dim)

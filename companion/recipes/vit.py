@@ -15,33 +15,37 @@ skips the class token and position embedding, and an average of the weights (EMA
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from companion import distributed
-from companion.augment import OPS, AugmentLoader
+from companion.augment import OPS, AugmentLoader, ErasingLoader
 from companion.data import DeviceLoader
 from companion.models.vit import ViT
-from companion.recipes.common import (
-    Recipe,
-    Result,
-    cifar10_loaders,
-    finish_run,
-    fit_recipe,
-    weights_path,
-)
-from companion.runtime import device as best_device
-from companion.runtime import seed_everything
+from companion.recipes.common import Recipe, RunResult, cifar10_loaders, run
+from companion.runtime import device
+from companion.train import Batches, TrainConfig
 
-__all__ = ["VIT_RECIPE", "VIT_RECIPE_GPU", "ErasingLoader", "VitRecipe", "make_vit", "train_vit", "vit_data"]
+__all__ = ["VIT_RECIPE", "VIT_RECIPE_GPU", "VitRecipe", "make_vit", "train_vit", "vit_data"]
 
 
 @dataclass(frozen=True)
 class VitRecipe(Recipe):
     """Everything that defines a ViT run on CIFAR-10: model size, data, augmentation, optimiser, schedule."""
 
+    # AdamW, linear warm-up over 10% of the steps then half-cosine decay to zero, gradient norm clipped at 1.
+    # 3 epochs: sized so that Chapter 5 (this run and a CNN for comparison) fits 10 minutes on a 2-core CPU.
+    train: TrainConfig = TrainConfig(
+        epochs=3,
+        optimizer="adamw",
+        lr=2e-3,
+        weight_decay=0.05,
+        schedule="cosine",
+        warmup=0.1,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+    )
     patch_size: int = 4
     dim: int = 96
     depth: int = 4
@@ -61,30 +65,32 @@ class VitRecipe(Recipe):
     cutmix_alpha: float = 0.0  # cutmix's Beta(alpha, alpha) (0: off)
     mix_prob: float = 1.0  # fraction of batches mixed (mixup or cutmix, even odds when both are on)
     batch_size: int = 128
-    epochs: int = 3  # sized so that Chapter 5 (this run and a CNN for comparison) fits 10 minutes on a 2-core CPU
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    schedule: str = "cosine"  # linear warm-up, then half-cosine decay to zero
-    warmup: float = 0.1
-    label_smoothing: float = 0.1
-    grad_clip: float | None = 1.0
+    eval_batch_size: int = 500
     quick_epochs: int = 4  # quick mode: 2,000 training images for 4 epochs, in the same batches
     lr_scaling: str = "sqrt"  # under torchrun: batch_size is per process, lr * sqrt(N) for AdamW (see Recipe)
     name: str = "cpu"
 
 
-# A small ViT for a 2-core CPU. Measured on an idle 2-core AMD EPYC machine, 2 torch threads, 2026-11-25:
-# `python -m companion train vit --epochs 7` trained in 530 s to 60.2% test accuracy (61.2% with flip-TTA); with
-# flips and translations on, the same run reached 58.7%: in a few epochs the model underfits, and augmentation only
-# slows it. In Chapter 5's full mode on 2026-11-26, 4 epochs reached 53.5% in 317 s and 3 epochs 53.2% in 223 s: the
-# 3-epoch default keeps the chapter under 10 minutes. Its opening table has the measured run.
+# A small ViT for a 2-core CPU; its measured runs are in README's "Measured figures" and Chapter 5's opening table.
+# In a few epochs the model underfits, and augmentation only slows it: flips and translations are off.
 VIT_RECIPE = VitRecipe()
 # The GPU recipe. Not measured yet with these ingredients (no GPU has been lent to the book's development). On an
 # H200 the plain recipe (dim 256, depth 6, flips, translations, erasing) reached 77.7% in 100 epochs (356 s) and
 # overfitted (98.4% training accuracy): the ingredients below are the small-data ViT papers' answer to that.
 # The target is 85% (goal 90%) in 10 minutes of training on one H100/H200.
 VIT_RECIPE_GPU = VitRecipe(
+    train=TrainConfig(
+        epochs=100,
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=0.05,
+        schedule="cosine",
+        warmup=0.05,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        decay_embeddings=False,  # weight decay on the weight matrices only, not the class token or positions
+        compile=True,
+    ),
     dim=256,
     depth=6,
     num_heads=8,
@@ -98,12 +104,7 @@ VIT_RECIPE_GPU = VitRecipe(
     cutmix_alpha=1.0,
     erase=0.25,  # ... and random erasing
     batch_size=256,
-    epochs=100,
-    lr=1e-3,
-    warmup=0.05,
-    no_decay=("cls_token", "pos_embedding"),  # weight decay on the weight matrices only
     ema_decay=0.9995,  # evaluate and keep an average of the weights over the last ~2,000 steps
-    compile=True,
     name="gpu",
 )
 
@@ -117,7 +118,7 @@ def make_vit(recipe: VitRecipe = VIT_RECIPE) -> ViT:
         depth=recipe.depth,
         num_heads=recipe.num_heads,
         mlp_ratio=recipe.mlp_ratio,
-        num_classes=10,
+        num_classes=len(recipe.classes),
         pool=recipe.pool,
         pos_embedding=recipe.pos_embedding,
         dropout=recipe.dropout,
@@ -127,65 +128,24 @@ def make_vit(recipe: VitRecipe = VIT_RECIPE) -> ViT:
     )
 
 
-class ErasingLoader:
-    """Wrap a loader and erase one random rectangle (to 0, the mean after normalisation) in a fraction ``p`` of images.
-
-    Random erasing (Zhong et al., 2020) keeps the label valid, so the training loop needs no change.
-    The rectangle covers 2% to 25% of the image, with aspect ratio between 0.3 and 3.3.
-    """
-
-    def __init__(self, loader: DeviceLoader, p: float = 0.25, seed: int = 0) -> None:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p is a probability in [0, 1], got {p}")
-        self.loader, self.p = loader, p
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    @property
-    def labels(self) -> torch.Tensor:
-        """The wrapped loader's labels (one per training image)."""
-        return self.loader.labels
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self.loader:
-            yield self.erase(x), y
-
-    def erase(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> the same batch with one rectangle zeroed in about a fraction p of the images."""
-        B, _, H, W = x.shape
-        g = self.generator
-        area = (0.02 + 0.23 * torch.rand(B, generator=g)) * H * W
-        ratio = torch.exp(torch.empty(B).uniform_(-1.2, 1.2, generator=g))  # log-uniform in [0.3, 3.3]
-        h = (area * ratio).sqrt().round().clamp(1, H).long()
-        w = (area / ratio).sqrt().round().clamp(1, W).long()
-        top = (torch.rand(B, generator=g) * (H - h + 1)).long()
-        left = (torch.rand(B, generator=g) * (W - w + 1)).long()
-        on = torch.rand(B, generator=g) < self.p
-        rows = torch.arange(H).view(1, H, 1)
-        cols = torch.arange(W).view(1, 1, W)
-        inside_rows = (rows >= top.view(B, 1, 1)) & (rows < (top + h).view(B, 1, 1))  # (B, H, 1)
-        inside_cols = (cols >= left.view(B, 1, 1)) & (cols < (left + w).view(B, 1, 1))  # (B, 1, W)
-        box = inside_rows & inside_cols & on.view(B, 1, 1)  # (B, H, W)
-        return x.masked_fill(box.to(x.device).unsqueeze(1), 0.0)
-
-
 def vit_data(
-    recipe: VitRecipe = VIT_RECIPE, root: str | os.PathLike | None = None, seed: int = 0
-) -> tuple[DeviceLoader | AugmentLoader | ErasingLoader, DeviceLoader]:
+    recipe: VitRecipe = VIT_RECIPE,
+    root: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> tuple[Batches, DeviceLoader]:
     """Training loader (``recipe.n_train`` images, shuffled, augmented and erased as the recipe says), test loader.
 
     With ``random_ops``, ``mixup_alpha`` or ``cutmix_alpha`` the batches go through an ``AugmentLoader`` (on the
     data's device; labels become class probabilities), then through random erasing if ``erase``.
     """
-    train, test = cifar10_loaders(recipe, root, seed, test_batch_size=500)
+    train, test = cifar10_loaders(recipe, root, seed, device)
     # Under torchrun each rank augments and erases its own way (rank 0 as a single process would).
     rank_seed = seed + 1_000_003 * distributed.rank()
     if recipe.random_ops > 0 or recipe.mixup_alpha > 0 or recipe.cutmix_alpha > 0:
         train = AugmentLoader(
             train,
-            num_classes=10,
+            num_classes=len(recipe.classes),
             ops=OPS if recipe.random_ops > 0 else (),
             num_ops=recipe.random_ops,
             magnitude=recipe.ops_magnitude,
@@ -199,33 +159,20 @@ def vit_data(
     return train, test
 
 
-def train_vit(
-    quick: bool = False,
-    epochs: int | None = None,
-    root: str | os.PathLike | None = None,
-    seed: int = 0,
-    save: str | os.PathLike | None = None,
-    recipe: VitRecipe | None = None,
-    progress: bool = True,
-    verbose: bool = True,
-) -> Result:
-    """Train the recipe's ViT on CIFAR-10 and report test accuracy (plain and with flip-TTA) and time.
-
-    Without ``recipe``, :data:`VIT_RECIPE_GPU` on CUDA, else :data:`VIT_RECIPE`. Runs ``recipe.for_mode(quick)``,
-    with ``epochs`` in place of the recipe's if given; ``save`` writes the weights to a ``.safetensors`` file
-    (checked before training; if writing fails, a file in the working directory).
-    """
-    path = weights_path(save) if save is not None else None
-    if recipe is None:
-        recipe = VIT_RECIPE_GPU if best_device().type == "cuda" else VIT_RECIPE
-    recipe = recipe.for_mode(quick, epochs)
-    seed_everything(seed)
-    train, test = vit_data(recipe, root=root, seed=seed)
-    model = make_vit(recipe).to(best_device())  # where DeviceLoader puts the data
-    n_train = len(train.labels)
-    title = (
+def _title(recipe: VitRecipe, model: ViT) -> str:
+    return (
         f"ViT {recipe.name} recipe (dim {recipe.dim}, depth {recipe.depth}, heads {recipe.num_heads}, "
         f"patch {recipe.patch_size})"
     )
-    result = fit_recipe(model, train, test, recipe, n_train, title, progress)
-    return finish_run(result, path, verbose)
+
+
+def train_vit(quick: bool = False, epochs: int | None = None, recipe: VitRecipe | None = None, **options) -> RunResult:
+    """Train the recipe's ViT on CIFAR-10 and report test accuracy (plain and with flip-TTA) and time.
+
+    Without ``recipe``, :data:`VIT_RECIPE_GPU` on CUDA, else :data:`VIT_RECIPE`. Runs ``recipe.for_mode(quick)``,
+    with ``epochs`` in place of the recipe's if given. ``options`` are ``run``'s: ``seed``, ``root``, ``save``,
+    ``overwrite``, ``checkpoint``, ``resume_from``, ``progress``, ``verbose``, ``record``.
+    """
+    if recipe is None:
+        recipe = VIT_RECIPE_GPU if device().type == "cuda" else VIT_RECIPE
+    return run(recipe.for_mode(quick, epochs), lambda r, train, seed: make_vit(r), vit_data, _title, **options)

@@ -1,14 +1,39 @@
-"""Input checks shared across the package, so that every model says the same clear thing about a wrong input."""
+"""Input validation shared across the package, so that every model says the same clear thing about a wrong input."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
-__all__ = ["check_divides", "check_images"]
+__all__ = ["validate_divides", "validate_images", "validate_int", "validate_positive"]
 
 
-def check_divides(total: int, part: int, total_name: str, part_name: str, why: str) -> None:
+def validate_int(value: object, name: str, minimum: int | None = 1) -> int:
+    """Return ``value`` as an int, or raise a clear error unless it is a whole number (not a bool) >= ``minimum``.
+
+    ``minimum=None`` checks the type only (the caller then says which range it needs).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number (an int), got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def validate_positive(value: object, name: str, what: str = "") -> float:
+    """Return ``value`` as a float, or raise a clear error unless it is a finite number > 0; ``what`` says why."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number{what}, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number{what}, got {value}")
+    return float(value)
+
+
+def validate_divides(total: int, part: int, total_name: str, part_name: str, why: str) -> None:
     """Raise a clear ValueError unless ``part`` is a positive divisor of ``total``, listing the divisors to choose."""
+    validate_int(total, total_name), validate_int(part, part_name, minimum=None)
     if part < 1 or total % part != 0:
         divisors = [d for d in range(1, total + 1) if total % d == 0]
         raise ValueError(
@@ -16,7 +41,7 @@ def check_divides(total: int, part: int, total_name: str, part_name: str, why: s
         )
 
 
-def check_images(
+def validate_images(
     x: torch.Tensor,
     name: str,
     channels: int | None = None,

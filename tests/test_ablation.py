@@ -1,0 +1,56 @@
+"""The ablation command: every ingredient changed in turn, over seeds, with a verdict that compares to the noise."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from companion.__main__ import main
+from companion.ablation import INGREDIENTS, Variant, ablate, format_ablation
+from companion.recipes.cnn import CNN_RECIPE
+from companion.recipes.common import Recipe
+from companion.recipes.vit import VIT_RECIPE
+
+TINY = CNN_RECIPE.replace(widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, quick_batch_size=8, quick_epochs=1)
+
+
+@pytest.mark.parametrize(("what", "recipe"), [("cnn", CNN_RECIPE), ("vit", VIT_RECIPE)])
+def test_every_ingredient_is_a_real_change_of_the_recipe(what: str, recipe: Recipe) -> None:
+    for name, changes in INGREDIENTS[what].items():
+        changed = recipe.replace(**changes).settings()
+        assert any(changed[k] != recipe.settings()[k] for k in changes), f"{name} changes nothing"
+
+
+def test_ablation_trains_each_variant_with_each_seed(fake_cifar: Path) -> None:
+    only = ["no label smoothing", "+ 1-pixel translate TTA (GPU)"]
+    rows = ablate("cnn", seeds=2, quick=True, only=only, recipe=TINY, root=fake_cifar)
+    assert [r.name for r in rows] == ["full recipe", *only]
+    assert all(len(r.accuracies) == len(r.seconds) == 2 for r in rows)
+    assert all(0 <= a <= 1 for r in rows for a in r.accuracies)
+    table = format_ablation(rows)
+    assert "full recipe" in table and "± " in table and table.count("\n") == 3
+    with pytest.raises(ValueError, match="unknown ingredients"):
+        ablate("cnn", seeds=1, quick=True, only=["no such thing"], recipe=TINY, root=fake_cifar)
+    with pytest.raises(ValueError, match="seeds must be"):
+        ablate("cnn", seeds=0)
+
+
+def test_the_verdict_compares_the_difference_with_two_standard_errors() -> None:
+    base = Variant("full recipe", {}, (0.80, 0.81, 0.82), (1.0, 1.0, 1.0))
+    close = Variant("close", {}, (0.80, 0.815, 0.81), (1.0, 1.0, 1.0))
+    far = Variant("far", {}, (0.70, 0.71, 0.72), (1.0, 1.0, 1.0))
+    diff, se = far.difference(base)
+    assert diff == pytest.approx(-0.10) and se == pytest.approx(math.sqrt(2 * 0.01**2 / 3))
+    table = format_ablation([base, close, far, Variant("nan", {}, (math.nan, 0.8, 0.8), (1.0,) * 3)])
+    lines = table.splitlines()
+    assert "within the noise" in lines[2] and "larger than the noise" in lines[3]
+    assert "diverged with 1 of 3 seeds" in lines[4]
+    one = format_ablation([Variant("a", {}, (0.8,), (1.0,)), Variant("b", {}, (0.7,), (1.0,))])
+    assert "one seed: no verdict" in one
+
+
+def test_the_command_refuses_an_unknown_ingredient(capsys) -> None:
+    assert main(["ablate", "cnn", "--only", "no such thing"]) == 2
+    assert "unknown ingredients" in capsys.readouterr().err
