@@ -56,6 +56,8 @@ def write_record(record: dict[str, Any], name: str) -> Path:
     if not _NAME.match(name):
         raise ValueError(f"record name {name!r} must be letters, digits, '_', '-' or '.' (it becomes a file name)")
     payload = {"name": name, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record}
+    if os.environ.get("COMPANION_CHAPTER"):  # set by the book's build for the notebook it executes
+        payload.setdefault("chapter", os.environ["COMPANION_CHAPTER"])
     try:
         text = json.dumps(payload, indent=1, sort_keys=True, allow_nan=False)  # fails here, not when read back
     except (TypeError, ValueError) as err:

@@ -97,6 +97,9 @@ def test_every_image_is_present(root: Path) -> None:
     for page in pages(root):
         for img in soup(page).find_all("img"):
             src = img.get("src", "")
+            alt = (img.get("alt") or "").strip()
+            if not alt or re.search(r"\.(png|jpe?g|svg|gif)$", alt, re.IGNORECASE):
+                missing.append(f"{page.relative_to(root)}: {src} has no description (alt text {alt!r})")
             if src.startswith("data:"):
                 count += 1
                 continue
@@ -163,10 +166,37 @@ def test_results_page_first_line_says_the_mode(root: Path) -> None:
     runs = article.find(id="this-book-s-runs").find_next("table")  # the records the chapters wrote in this build
     rows = [[td.get_text().strip() for td in tr.find_all("td")] for tr in runs.find("tbody").find_all("tr")]
     assert len(rows) >= 7, rows
-    models = " | ".join(row[0] for row in rows)
+    header = [th.get_text().strip() for th in runs.find("thead").find_all("th")]
+    assert header[:3] == ["chapter", "model", "mode"], header
+    models = " | ".join(row[1] for row in rows)
     for model in ("TinyCNN", "FastCNN", "AttentionCNN", "ViT", "cosine head"):  # Chapters 1, 3, 4, 5 and 6
         assert model in models, f"no row for {model}: {models}"
-    assert any(row[1].startswith(f"{mode_of(chapter)} mode") for row in rows), rows
+    assert {row[0] for row in rows} >= {"1", "3", "4", "5", "6"}, "rows without the chapter that ran them"
+    assert {row[2] for row in rows} == {mode_of(chapter)}, rows
+    assert "skipped" not in article.get_text(), "a record file of this build could not be read"
+
+
+def test_api_reference_documents_what_a_student_imports(root: Path) -> None:
+    ids = anchors(root / "book" / "api.html")
+    for name in [
+        "companion.train.fit",
+        "companion.train.evaluate",
+        "companion.data.load_cifar10",
+        "companion.viz.show_table",
+        "companion.models.vit.ViT",
+        "companion.recipes.vit.VitRecipe",
+    ]:
+        assert name in ids, f"the API page does not document {name}"
+    text = soup(root / "book" / "api.html").select_one("article").get_text()
+    assert "Train model on train_data" in text, "fit's docstring is not on the API page"
+
+
+def test_landing_page_links_every_chapter(root: Path) -> None:
+    article = soup(root / "book" / "intro.html").select_one("article")
+    targets = {urlsplit(a["href"]).path for a in article.find_all("a", href=True)}
+    for name in CHAPTERS:
+        assert f"../chapters/{name}.html" in targets, f"the landing page's text does not link {name}"
+    assert "results.html" in targets
 
 
 def test_no_stray_python_reprs_in_outputs(root: Path) -> None:
@@ -196,7 +226,7 @@ def test_bibliography_author_year_with_links(root: Path) -> None:
     for label in labels:
         assert re.fullmatch(r"[^\[\]]+, (\d{4}|n\.d\.)[a-z]?", label), f"not an author-year label: {label!r}"
     text = doc.get_text()
-    assert "$" not in text, "raw LaTeX in the bibliography"
+    assert "$" not in text and "\\" not in text, "raw LaTeX in the bibliography"
     arxiv = [a["href"] for a in doc.find_all("a", href=True) if "arxiv.org/abs/" in a["href"]]
     assert "https://arxiv.org/abs/2404.00498" in arxiv, arxiv
     for number in doc.find_all(string=re.compile(r"arXiv:\d{4}\.\d{4,5}")):

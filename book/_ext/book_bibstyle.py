@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 
 from pybtex.database import Entry
 from pybtex.plugin import register_plugin
+from pybtex.richtext import Text
 from pybtex.style.formatting.plain import Style as PlainStyle
 from pybtex.style.labels import BaseLabelStyle
 from sphinx.application import Sphinx
@@ -20,7 +21,7 @@ from sphinx.application import Sphinx
 def author_year(entry: Entry) -> str:
     """Return "Last, year", "Last and Other, year" or "Last et al., year" from the authors (or editors)."""
     people = entry.persons.get("author") or entry.persons.get("editor") or []
-    names = [" ".join(person.last_names).replace("{", "").replace("}", "") for person in people]
+    names = [Text.from_latex(" ".join(person.last_names)).render_as("text") for person in people]  # M{\"u}ller: Müller
     if not names:
         who = entry.fields.get("organization", entry.key)
     elif len(names) == 1:
