@@ -38,6 +38,7 @@ _SUBMODULES = (
     "checkpoint",
     "conv",
     "data",
+    "diagrams",
     "distributed",
     "exercises",
     "files",
