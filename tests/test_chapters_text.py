@@ -82,3 +82,16 @@ def test_the_check_catches_a_wrong_reference(tmp_path: Path) -> None:
     path.write_text(json.dumps(notebook))
     assert references(path) == [("exercise", "5"), ("project", "7"), ("ordinal", "the first exercise")]
     assert exercises_and_projects(path) == ({"1.1"}, 2)
+
+
+def test_every_figure_cell_has_alt_text() -> None:
+    """A cell that shows a figure says what it shows (myst-nb's image alt), or the book gets a file path as alt text."""
+    missing = []
+    for path in sorted(Path(__file__).resolve().parents[1].glob("chapters/*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            source = "".join(cell["source"])
+            shows = cell["cell_type"] == "code" and ("plt.show()" in source or "show_images(" in source)
+            alt = cell.get("metadata", {}).get("mystnb", {}).get("image", {}).get("alt", "")
+            if shows and len(alt) < 20:
+                missing.append(f"{path.name} cell {cell.get('id')}")
+    assert not missing, f"figure cells without alt text: {missing}"
