@@ -90,7 +90,8 @@ def test_every_figure_cell_has_alt_text() -> None:
     for path in sorted(Path(__file__).resolve().parents[1].glob("chapters/*.ipynb")):
         for cell in json.loads(path.read_text())["cells"]:
             source = "".join(cell["source"])
-            shows = cell["cell_type"] == "code" and ("plt.show()" in source or "show_images(" in source)
+            drawn = ("plt.show()", "show_images(", "plt.subplots(", "plt.figure(", "_diagram(")
+            shows = cell["cell_type"] == "code" and any(d in source for d in drawn)
             alt = cell.get("metadata", {}).get("mystnb", {}).get("image", {}).get("alt", "")
             if shows and len(alt) < 20:
                 missing.append(f"{path.name} cell {cell.get('id')}")
