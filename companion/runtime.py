@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["device", "env_flag", "mode_line", "quick", "seed_everything"]
+__all__ = ["autocast_dtype", "cpu_bf16", "device", "env_flag", "mode_line", "quick", "seed_everything"]
 
 _YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -48,6 +49,28 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+@functools.cache
+def cpu_bf16() -> str | None:
+    """The CPU feature that makes bfloat16 matrix arithmetic native here (``amx_bf16``, ``avx512_bf16`` or Arm's
+    ``bf16``, read from /proc/cpuinfo on Linux), or None: elsewhere bfloat16 is emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:  # not Linux: no way to tell without extra packages, so assume none
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return next((flag for flag in ("amx_bf16", "avx512_bf16", "bf16") if flag in words), None)
+
+
+def autocast_dtype(dev: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """bfloat16 where ``precision`` asks for it, else None (float32): 'auto' means on CUDA and on CPUs with
+    native bfloat16 (``cpu_bf16``), 'bf16' anywhere, 'fp32' nowhere."""
+    if precision == "bf16" or (precision == "auto" and (dev.type == "cuda" or (dev.type == "cpu" and cpu_bf16()))):
+        return torch.bfloat16
+    return None
+
+
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, NumPy and PyTorch (all devices) so a rerun gives the same numbers."""
     random.seed(seed)
@@ -62,4 +85,9 @@ def mode_line() -> str:
     else:
         mode = "full mode, the whole data set and the full training budgets"
     threads = f"{torch.get_num_threads()} CPU thread{'' if torch.get_num_threads() == 1 else 's'}"
-    return f"This run: {mode} | device {device()} | torch {torch.__version__}, {threads}"
+    dev = device()
+    if autocast_dtype(dev) is None:
+        precision = "float32 (this CPU has no native bfloat16)" if dev.type == "cpu" else "float32"
+    else:
+        precision = "bfloat16 autocast" + (f" (the CPU has {cpu_bf16()})" if dev.type == "cpu" else "")
+    return f"This run: {mode} | device {dev} | {precision} | torch {torch.__version__}, {threads}"

@@ -29,7 +29,7 @@ from companion.augment import tta_logits
 from companion.callbacks import Callback
 from companion.checkpoint import restore
 from companion.optim import make_optimizer
-from companion.runtime import device, seed_everything
+from companion.runtime import autocast_dtype, device, seed_everything
 
 __all__ = [
     "Callback",
@@ -65,7 +65,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # in [0, 1)
     grad_clip: float | None = None  # largest gradient norm; None: no clipping
     ignore_index: int = -100  # targets with this value (padding) count in neither the loss nor the accuracy
-    precision: str = "auto"  # "auto": bfloat16 autocast on CUDA, float32 elsewhere; "bf16": autocast anywhere; "fp32"
+    precision: str = "auto"  # "auto": bfloat16 autocast on CUDA and native-bf16 CPUs (runtime.autocast_dtype)
     compile: bool = False  # torch.compile the model for training on CUDA (ignored on other devices)
     sync_batch_norm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
     vector_lr_scale: float = 1.0  # learning-rate multiplier for biases and norm parameters (airbench)
@@ -166,10 +166,9 @@ class TrainingInterrupted(Exception):
 
 
 def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast where ``precision`` asks for it ('auto': on CUDA only); full precision everywhere else."""
-    if precision == "bf16" or (precision == "auto" and dev.type == "cuda"):
-        return torch.autocast(dev.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bfloat16 autocast where ``precision`` asks for it (``runtime.autocast_dtype``); float32 everywhere else."""
+    dtype = autocast_dtype(dev, precision)
+    return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _schedule(kind: str, total_steps: int, warmup: float):

@@ -240,3 +240,35 @@ def test_the_build_draws_figures_in_the_book_style(tmp_path: Path, monkeypatch: 
     key = book_build.source_key(tmp_path)
     (tmp_path / "book" / "matplotlibrc").write_text("font.size: 12\n")
     assert book_build.source_key(tmp_path) != key  # a new style draws the figures again
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu avx2 avx512f avx512_bf16 amx_bf16", "amx_bf16"),
+        ("fpu avx2 avx512_bf16", "avx512_bf16"),
+        ("fp asimd bf16 i8mm", "bf16"),
+        ("fpu avx2 avx512f avx512bw", None),
+    ],
+)
+def test_cpu_bf16_reads_the_native_bfloat16_flag(
+    flags: str, expected: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    from companion import runtime
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    runtime.cpu_bf16.cache_clear()
+    try:
+        assert runtime.cpu_bf16() == expected
+        cpu = torch.device("cpu")
+        assert runtime.autocast_dtype(cpu) == (torch.bfloat16 if expected else None)  # "auto" follows the CPU
+        assert runtime.autocast_dtype(cpu, "bf16") == torch.bfloat16 and runtime.autocast_dtype(cpu, "fp32") is None
+        line = companion.mode_line() if companion.device().type == "cpu" else ""
+        assert not line or ("bfloat16 autocast" in line) == bool(expected)
+    finally:
+        runtime.cpu_bf16.cache_clear()

@@ -44,10 +44,18 @@ class ConvGroup(nn.Module):
     """One stage of FastCNN: conv3x3 -> maxpool 2 -> BN -> act, then ``depth - 1`` x (conv3x3 -> BN -> act).
 
     ``bn_scale=False`` freezes the BatchNorm scales at 1 (only the shifts learn), as airbench does.
+    ``identity_init=True`` starts each conv as an identity on its first ``in`` channels (``nn.init.dirac_``) plus
+    the usual random init elsewhere: an implicit residual connection at the start of training (airbench).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, depth: int = 2, batch_norm: bool = True, bn_scale: bool = True
+        self,
+        in_channels: int,
+        out_channels: int,
+        depth: int = 2,
+        batch_norm: bool = True,
+        bn_scale: bool = True,
+        identity_init: bool = False,
     ) -> None:
         super().__init__()
         validate_int(in_channels, "in_channels"), validate_int(out_channels, "out_channels")
@@ -57,6 +65,10 @@ class ConvGroup(nn.Module):
             nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1, bias=not batch_norm)
             for i in range(depth)
         )  # with batch-norm a conv bias would be cancelled by the mean subtraction
+        if identity_init:
+            for conv in self.convs:
+                with torch.no_grad():
+                    nn.init.dirac_(conv.weight[: min(conv.in_channels, conv.out_channels)])
         norm = nn.BatchNorm2d if batch_norm else lambda _: nn.Identity()
         self.norms = nn.ModuleList(norm(out_channels) for _ in range(depth))
         if batch_norm and not bn_scale:
@@ -76,7 +88,8 @@ class ConvGroup(nn.Module):
 class FastCNN(nn.Module):
     """A fast CIFAR-10 CNN in the spirit of ResNet-9 / airbench: stem, len(widths) conv groups, max-pool, linear.
 
-    ``bn_scale=False`` freezes every BatchNorm scale at 1 (airbench's BatchNorm without an affine scale).
+    ``bn_scale=False`` freezes every BatchNorm scale at 1 (airbench's BatchNorm without an affine scale);
+    ``identity_init=True`` starts every stage's convs as identities on their first channels (see ``ConvGroup``).
     """
 
     def __init__(
@@ -88,6 +101,7 @@ class FastCNN(nn.Module):
         batch_norm: bool = True,
         logit_scale: float = 1 / 9,
         bn_scale: bool = True,
+        identity_init: bool = False,
     ) -> None:
         super().__init__()
         ok = isinstance(widths, (tuple, list)) and widths
@@ -98,7 +112,8 @@ class FastCNN(nn.Module):
         self.stem = nn.Conv2d(3, stem_width, kernel_size=2, bias=True)  # 2x2 patches: 32x32 -> 31x31
         chans = (stem_width, *widths)
         self.stages = nn.ModuleList(
-            ConvGroup(chans[i], chans[i + 1], depth_per_stage, batch_norm, bn_scale) for i in range(len(widths))
+            ConvGroup(chans[i], chans[i + 1], depth_per_stage, batch_norm, bn_scale, identity_init)
+            for i in range(len(widths))
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)

@@ -29,6 +29,7 @@ class CNNRecipe(Recipe):
     depth_per_stage: int = 2
     batch_norm: bool = True
     bn_scale: bool = True  # False: BatchNorm scales frozen at 1, only the shifts learn (airbench)
+    identity_init: bool = False  # start each conv as an identity on its first channels (airbench's dirac init)
     whiten: bool = True  # initialise the 2x2 stem as a PCA whitening of image patches (then frozen)
     augment: bool = True  # random flips and 4-pixel translations
     batch_size: int = 128  # on a CPU, small batches cost no more per image and give more steps per epoch
@@ -67,6 +68,7 @@ def make_cnn(
         num_classes=num_classes,
         batch_norm=recipe.batch_norm,
         bn_scale=recipe.bn_scale,
+        identity_init=recipe.identity_init,
     )
     if recipe.whiten:
         if whiten_images is None:
