@@ -359,3 +359,26 @@ def test_fused_kernel_is_what_the_fast_path_calls(monkeypatch):
     scaled_dot_product_attention(q, q, q, return_attention=True)
     MultiHeadAttention(4, 2)(q, return_attention=True)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_attention_on_the_cpu_runs_in_float32_and_matches(masked: bool) -> None:
+    """bfloat16 inputs on the CPU go through the fused kernel in float32: same values and gradients as float32."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 3, 17, 8) for _ in range(3))
+    mask = torch.rand(17, 17) > 0.3 if masked else None
+    if mask is not None:
+        mask.fill_diagonal_(True)
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    ref = [t.bfloat16().float().requires_grad_() for t in (q, k, v)]  # the same rounded inputs, in float32
+    out = scaled_dot_product_attention(*low, attn_mask=mask)
+    expected = F.scaled_dot_product_attention(*ref, attn_mask=mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.bfloat16().float(), rtol=0, atol=0)  # one rounding, same place
+    out.float().sum().backward()
+    expected.sum().backward()
+    for a, b in zip(low, ref):
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=1e-2, atol=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast would cast float32 back: it is switched off inside
+        again = scaled_dot_product_attention(*(t.detach() for t in low), attn_mask=mask)
+    torch.testing.assert_close(again.float(), out.float().detach(), rtol=0, atol=0)
