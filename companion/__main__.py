@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
 from companion import distributed, exercises
-from companion.runtime import env_flag, quick
+from companion.runtime import device, env_flag, precision_name, quick
 
 
 def positive_int(text: str) -> int:
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace an existing weights or checkpoint file (never by default)"
     )
 
+    precision_help = (
+        "bf16 (bfloat16 autocast), fp32, or auto (default: bf16 on CUDA and on CPUs with native bfloat16); "
+        "also COMPANION_PRECISION"
+    )
+    train.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None, help=precision_help)
+
     ablate = sub.add_parser("ablate", help="train a recipe with each ingredient changed in turn, over seeds")
     ablate.add_argument("what", choices=["cnn", "vit"])
     ablate.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 for every variant (default 3)")
@@ -74,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     ablate.add_argument("--epochs", type=positive_int, default=None, help="override the recipe's number of epochs")
     ablate.add_argument("--data", default=None, help="data root (default: $COMPANION_DATA or the user cache)")
     ablate.add_argument("--only", default=None, help="comma-separated ingredient names (default: all)")
+    ablate.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None, help=precision_help)
 
     exercises.add_parser(sub)
 
     args = parser.parse_args(argv)
+    if getattr(args, "precision", None) is not None:  # what "auto" means for every run of this command
+        os.environ["COMPANION_PRECISION"] = args.precision
     if args.command == "exercises":
         return exercises.main(args)
     if args.command == "ablate":
@@ -101,7 +111,6 @@ def _ablate(args: argparse.Namespace) -> int:
     import torch
 
     from companion.ablation import INGREDIENTS, ablate, format_ablation
-    from companion.runtime import device
 
     only = None if args.only is None else [name.strip() for name in args.only.split(",")]
     if only is not None and set(only) - set(INGREDIENTS[args.what]):
@@ -113,7 +122,8 @@ def _ablate(args: argparse.Namespace) -> int:
     mode = "quick" if quick_mode else "full"
     print(f"Ablation of the {args.what} recipe, {mode} mode, {args.seeds} seeds (accuracy with the recipe's TTA)")
     print(format_ablation(rows))
-    print(f"device {device()} | torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    dev = device()
+    print(f"device {dev}, {precision_name(dev)} | torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     return 0
 
 
@@ -127,6 +137,7 @@ def _train(args: argparse.Namespace) -> int:
         quick_mode = args.quick or quick()
         for flag in ("COMPANION_DOWNLOAD", "COMPANION_ALLOW_PARTIAL"):
             env_flag(flag)
+        precision_name(device())  # COMPANION_PRECISION, if set, must be a precision
     except ValueError as err:
         print(f"python -m companion train: error: {err}", file=sys.stderr)
         return 2

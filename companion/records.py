@@ -123,6 +123,7 @@ def make_record(
         "epochs": len(history.seconds),
         "n_train": n_train,
         "device": history.device,
+        "precision": history.precision or None,
         "threads": torch.get_num_threads(),
         "processes": processes,
         "torch": torch.__version__,

@@ -9,7 +9,16 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["autocast_dtype", "cpu_bf16", "device", "env_flag", "mode_line", "quick", "seed_everything"]
+__all__ = [
+    "autocast_dtype",
+    "cpu_bf16",
+    "device",
+    "env_flag",
+    "mode_line",
+    "precision_name",
+    "quick",
+    "seed_everything",
+]
 
 _YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -64,11 +73,23 @@ def cpu_bf16() -> str | None:
 
 
 def autocast_dtype(dev: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """bfloat16 where ``precision`` asks for it, else None (float32): 'auto' means on CUDA and on CPUs with
-    native bfloat16 (``cpu_bf16``), 'bf16' anywhere, 'fp32' nowhere."""
+    """bfloat16 where ``precision`` asks for it, else None (float32): 'bf16' anywhere, 'fp32' nowhere, 'auto' what
+    the environment variable ``COMPANION_PRECISION`` says (bf16, fp32 or auto), by default on CUDA and on CPUs
+    with native bfloat16 (``cpu_bf16``)."""
+    if precision == "auto":
+        precision = os.environ.get("COMPANION_PRECISION", "").strip().lower() or "auto"
+        if precision not in {"auto", "bf16", "fp32"}:
+            raise ValueError(
+                f"COMPANION_PRECISION={os.environ['COMPANION_PRECISION']!r} is not a precision: use bf16, fp32 or auto"
+            )
     if precision == "bf16" or (precision == "auto" and (dev.type == "cuda" or (dev.type == "cpu" and cpu_bf16()))):
         return torch.bfloat16
     return None
+
+
+def precision_name(dev: torch.device, precision: str = "auto") -> str:
+    """What ``fit`` computes in on ``dev`` for ``precision``: 'bfloat16 autocast' or 'float32'."""
+    return "float32" if autocast_dtype(dev, precision) is None else "bfloat16 autocast"
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -86,8 +107,7 @@ def mode_line() -> str:
         mode = "full mode, the whole data set and the full training budgets"
     threads = f"{torch.get_num_threads()} CPU thread{'' if torch.get_num_threads() == 1 else 's'}"
     dev = device()
-    if autocast_dtype(dev) is None:
-        precision = "float32 (this CPU has no native bfloat16)" if dev.type == "cpu" else "float32"
-    else:
-        precision = "bfloat16 autocast" + (f" (the CPU has {cpu_bf16()})" if dev.type == "cpu" else "")
+    precision = precision_name(dev)
+    if dev.type == "cpu" and os.environ.get("COMPANION_PRECISION", "auto").strip().lower() in {"", "auto"}:
+        precision += f" (the CPU has {cpu_bf16()})" if cpu_bf16() else " (this CPU has no native bfloat16)"
     return f"This run: {mode} | device {dev} | {precision} | torch {torch.__version__}, {threads}"

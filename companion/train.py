@@ -29,7 +29,7 @@ from companion.augment import tta_logits
 from companion.callbacks import Callback
 from companion.checkpoint import restore
 from companion.optim import make_optimizer
-from companion.runtime import autocast_dtype, device, seed_everything
+from companion.runtime import autocast_dtype, device, precision_name, seed_everything
 
 __all__ = [
     "Callback",
@@ -124,6 +124,7 @@ class History:
     seconds: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     device: str = ""
+    precision: str = ""  # what the run computed in: "bfloat16 autocast" or "float32"
 
     @property
     def total_seconds(self) -> float:
@@ -334,7 +335,7 @@ def _setup(model: nn.Module, train_data: Batches, config: TrainConfig, callbacks
     optimizer = make_optimizer(model, config)
     factor = _schedule(config.schedule, config.epochs * steps_per_epoch, config.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    history = History(device=str(dev))
+    history = History(device=str(dev), precision=precision_name(torch.device(dev), config.precision))
     return FitState(model, net, optimizer, scheduler, config, train_data, history, tuple(callbacks))
 
 

@@ -156,3 +156,29 @@ def test_quick_mode_and_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert companion.device().type == "cpu"
+
+
+def test_the_precision_follows_the_config_then_companion_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    from companion.__main__ import main
+
+    data = tiny_batch(8)
+    seen = []
+
+    def run(**overrides) -> str:
+        model = tiny_cnn()
+        model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        return fit(model, data, epochs=1, progress=False, **overrides).precision
+
+    monkeypatch.setenv("COMPANION_PRECISION", "fp32")
+    assert run() == "float32" and seen[-1] == torch.float32
+    assert run(precision="bf16") == "bfloat16 autocast" and seen[-1] == torch.bfloat16  # the config's word wins
+    monkeypatch.setenv("COMPANION_PRECISION", "bf16")
+    assert run() == "bfloat16 autocast" and seen[-1] == torch.bfloat16
+    assert run(precision="fp32") == "float32" and seen[-1] == torch.float32
+    monkeypatch.setenv("COMPANION_PRECISION", "half")
+    with pytest.raises(ValueError, match="COMPANION_PRECISION='half' is not a precision"):
+        run()
+    assert main(["train", "cnn", "--quick"]) == 2  # the command says so in one line, before any data loads
+    monkeypatch.delenv("COMPANION_PRECISION")
+    with pytest.raises(SystemExit):
+        main(["train", "cnn", "--precision", "fp16"])

@@ -46,7 +46,8 @@ class Recipe:
 
     train: TrainConfig = TrainConfig()  # optimiser, schedule, regularisation, epochs: how fit trains
     batch_size: int = 128
-    augment: bool = True  # random flips and 4-pixel translations (DeviceLoader)
+    augment: bool = True  # random flips and translations (DeviceLoader)
+    translate: int = 4  # with augment: each image shifted by up to this many pixels (zeros fill the gap)
     classes: tuple[str, ...] = CIFAR10_CLASSES  # train and test on the images of these classes only
     n_train: int | None = None  # None: all 50,000 training images (of ``classes``)
     n_test: int | None = None  # None: all 10,000 test images
@@ -82,6 +83,7 @@ class Recipe:
             ),
             (not whole(self.lookahead_every, 0), "lookahead_every", "a whole number >= 0 (0: no lookahead)"),
             (not whole(self.tta_translate, 0), "tta_translate", "a whole number of pixels >= 0"),
+            (not whole(self.translate, 0), "translate", "a whole number of pixels >= 0"),
             (
                 not self.classes
                 or len(set(self.classes)) != len(self.classes)
@@ -168,8 +170,8 @@ class RunResult:
         return (
             f"{self.title} ({mode}, {self.epochs} epochs, {self.n_train:,} training images): "
             f"test accuracy {self.test_acc:.4f}, with {tta} {self.test_acc_tta:.4f} | "
-            f"training {self.train_seconds:.1f} s | device {self.device} | torch threads {self.threads}"
-            + (f" | {self.processes} processes" if self.processes > 1 else "")
+            f"training {self.train_seconds:.1f} s | device {self.device}, {self.history.precision} | "
+            f"torch threads {self.threads}" + (f" | {self.processes} processes" if self.processes > 1 else "")
         )
 
     def record(self) -> dict[str, Any]:
@@ -208,7 +210,15 @@ def cifar10_loaders(
         xt, yt = xt[torch.isin(yt, keep)], relabel[yt[torch.isin(yt, keep)]]
     batch_size = min(recipe.batch_size, len(y))
     train = DeviceLoader(
-        x, y, batch_size, shuffle=True, augment=recipe.augment, device=device, drop_last=True, seed=seed
+        x,
+        y,
+        batch_size,
+        shuffle=True,
+        augment=recipe.augment,
+        device=device,
+        pad=recipe.translate,
+        drop_last=True,
+        seed=seed,
     )
     return train, DeviceLoader(xt, yt, batch_size=recipe.eval_batch_size, device=device)
 
