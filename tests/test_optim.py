@@ -118,5 +118,26 @@ def test_ema_every_k_steps_and_lookahead_resets_the_model() -> None:
             torch.testing.assert_close(ema.module[0].weight, start)
     torch.testing.assert_close(ema.module[0].weight, start + 1.5)  # 0.5 start + 0.5 (start + 3)
     torch.testing.assert_close(model[0].weight, start + 1.5)  # lookahead: the model restarts from the average
-    with pytest.raises(ValueError, match="decay must be in"):
+    with pytest.raises(ValueError, match="need decay in"):
         EMA(model, decay=1.0)
+    with pytest.raises(ValueError, match="ramp >= 0"):
+        EMA(model, decay=0.5, ramp=-1.0)
+
+
+@pytest.mark.parametrize(("epoch", "step"), [(0, 1), (1, 2), (3, 4)])
+def test_ema_ramp_grows_the_decay_with_training_progress(epoch: int, step: int) -> None:
+    """In fit, the decay is decay * progress ** ramp, progress = steps done / all steps (airbench's schedule)."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = small_bn_net()
+    ema = EMA(model, decay=0.8, ramp=3.0)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    state = SimpleNamespace(
+        model=model, epoch=epoch, step=step, train_data=[None] * 4, config=SimpleNamespace(epochs=4)
+    )
+    ema.on_step_end(state)
+    decay = 0.8 * ((epoch * 4 + step) / 16) ** 3
+    torch.testing.assert_close(ema.module[0].weight, decay * start + (1 - decay) * (start + 1))

@@ -7,6 +7,7 @@ and record. ``train_cnn``, ``train_vit`` and ``train_llm`` are ``run`` with thei
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -63,6 +64,7 @@ class Recipe:
     # The GPU recipes' extras, all off by default (run turns each into a fit callback or an evaluation option):
     ema_decay: float | None = None  # None: no weight average; else evaluate and keep an EMA of the weights
     lookahead_every: int = 0  # with ema_decay: average every k steps and restart the weights from the average
+    ema_ramp: float = 0.0  # with ema_decay: the decay grows as ema_decay * progress ** ema_ramp (0: constant)
     tta_translate: int = 0  # test-time augmentation also over copies shifted by this many pixels (0: flips only)
 
     def __post_init__(self) -> None:
@@ -82,6 +84,11 @@ class Recipe:
                 "None or a number in [0, 1)",
             ),
             (not whole(self.lookahead_every, 0), "lookahead_every", "a whole number >= 0 (0: no lookahead)"),
+            (
+                not (isinstance(self.ema_ramp, (int, float)) and 0 <= self.ema_ramp < math.inf),
+                "ema_ramp",
+                "a number >= 0",
+            ),
             (not whole(self.tta_translate, 0), "tta_translate", "a whole number of pixels >= 0"),
             (not whole(self.translate, 0), "translate", "a whole number of pixels >= 0"),
             (
@@ -350,7 +357,8 @@ def run(
         model = make_model(recipe, train, seed).to(dev)
         callbacks: list = []
         if recipe.ema_decay is not None:
-            callbacks.append(EMA(model, recipe.ema_decay, max(1, recipe.lookahead_every), recipe.lookahead_every > 0))
+            every, lookahead = max(1, recipe.lookahead_every), recipe.lookahead_every > 0
+            callbacks.append(EMA(model, recipe.ema_decay, every, lookahead, recipe.ema_ramp))
         if ckpt is not None:
             callbacks.append(Checkpoint(ckpt))
         config = replace(recipe.train, lr=distributed.scale_lr(recipe.train.lr, recipe.lr_scaling), progress=progress)
