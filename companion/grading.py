@@ -402,7 +402,7 @@ def check_alibi_attention(fn: Callable[..., Tensor]) -> None:
     """Check ``fn(q, k, v, slopes, attn_mask=None)``: attention with linear biases (ALiBi), against PyTorch's.
 
     q (B, h, N, d_k), k (B, h, M, d_k), v (B, h, M, d_v), slopes (h,); the score of query i and key j in head h
-    is q_i . k_j / sqrt(d_k) - slopes[h] * |i - j|. The mask (bool, True = attend) is passed as the fifth
+    is ``q_i . k_j / sqrt(d_k) - slopes[h] * abs(i - j)``. The mask (bool, True = attend) is passed as the fifth
     positional argument, so the function may name it as it likes.
     """
     g = _Grader("check_alibi_attention")
