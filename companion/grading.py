@@ -16,6 +16,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, NoReturn
 
 import torch
@@ -23,10 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "check_attention",
-    "check_attention_rollout",
+    "check_alibi_attention",
     "check_batch_norm",
-    "check_causal_mask",
+    "check_caption_scores",
     "check_conv2d",
     "check_conv_output_size",
     "check_cosine_head",
@@ -34,12 +34,13 @@ __all__ = [
     "check_encoder_block",
     "check_label_smoothing",
     "check_max_pool2d",
+    "check_mean_pool_rollout",
     "check_merge_heads",
     "check_patch_embedding_conv",
     "check_patchify",
+    "check_pooled_self_attention_2d",
     "check_positional_encoding",
     "check_prompt_ensemble",
-    "check_self_attention_2d",
     "check_split_heads",
 ]
 
@@ -69,21 +70,20 @@ def _forbidden(check: str) -> list[tuple[Any, str]]:
             (nn_c.max_pool2d_with_indices, "F.max_pool2d_with_indices"),
             (conv.max_pool2d, "companion.conv.max_pool2d"),
         ],
-        "check_attention": [
+        "check_alibi_attention": [
             (nn_c.scaled_dot_product_attention, "F.scaled_dot_product_attention"),
             (attention.scaled_dot_product_attention, "companion.attention.scaled_dot_product_attention"),
             (attention.attention_weights, "companion.attention.attention_weights"),
         ],
-        "check_causal_mask": [(attention.causal_mask, "companion.attention.causal_mask")],
         "check_positional_encoding": [
             (attention.sinusoidal_position_encoding, "companion.attention.sinusoidal_position_encoding")
         ],
         "check_batch_norm": [(torch.batch_norm, "F.batch_norm (nn.BatchNorm2d calls it)")],
         "check_label_smoothing": [(nn_c.cross_entropy_loss, "F.cross_entropy")],
-        "check_self_attention_2d": [(SelfAttention2d.forward, "companion.models.SelfAttention2d")],
+        "check_pooled_self_attention_2d": [(SelfAttention2d.forward, "companion.models.SelfAttention2d")],
         "check_patchify": [(nn_c.im2col, "F.unfold")],
         "check_encoder_block": [(EncoderBlock.forward, "companion.models.EncoderBlock")],
-        "check_attention_rollout": [(attention_rollout, "companion.models.vit.attention_rollout")],
+        "check_mean_pool_rollout": [(attention_rollout, "companion.models.vit.attention_rollout")],
     }
     return table.get(check, [])
 
@@ -380,73 +380,113 @@ def _attention(
     scale: float | None = None,
     dim: int = -1,
     fill: float = float("-inf"),
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """Attention with knobs for the catalogued mistakes (softmax axis, scale, fill value of the mask)."""
+    """Attention with knobs for the catalogued mistakes (softmax axis, scale, fill value of the mask, a bias)."""
     scores = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, fill)
     return torch.softmax(scores, dim=dim) @ v
 
 
-def check_attention(fn: Callable[..., Tensor]) -> None:
-    """Check ``fn(q, k, v, attn_mask=None) -> output`` (bool mask, True = attend) against PyTorch's attention.
+def _alibi_bias(slopes: Tensor, n: int, m: int, signed: bool = False) -> Tensor:
+    """(h, n, m): -slopes[h] * |i - j| (or * (i - j) if ``signed``), query i and key j counted from 0."""
+    i, j = torch.arange(n, dtype=torch.float64)[:, None], torch.arange(m, dtype=torch.float64)[None, :]
+    distance = i - j if signed else (i - j).abs()
+    return -slopes.double()[:, None, None] * distance
 
-    The mask is passed as the fourth positional argument, so the function may name it as it likes.
+
+def check_alibi_attention(fn: Callable[..., Tensor]) -> None:
+    """Check ``fn(q, k, v, slopes, attn_mask=None)``: attention with linear biases (ALiBi), against PyTorch's.
+
+    q (B, h, N, d_k), k (B, h, M, d_k), v (B, h, M, d_v), slopes (h,); the score of query i and key j in head h
+    is ``q_i . k_j / sqrt(d_k) - slopes[h] * abs(i - j)``. The mask (bool, True = attend) is passed as the fifth
+    positional argument, so the function may name it as it likes.
     """
-    g = _Grader("check_attention")
+    g = _Grader("check_alibi_attention")
     gen = torch.Generator().manual_seed(3)
-    cases = [
-        ((2, 5), (2, 7), 4, 6, None),
-        ((3, 4), (3, 4), 8, 8, None),
-        ((2, 2, 5), (2, 2, 6), 16, 3, None),
-        ((2, 5), (2, 7), 4, 6, "mask"),
-        ((2, 3, 5), (2, 3, 6), 8, 4, "padding"),
+    cases = [  # (B, h, N, M, d_k, d_v, masking); B != h, so that slopes broadcast over the batch fail loudly
+        (2, 3, 5, 7, 4, 6, None),
+        (3, 2, 6, 6, 8, 8, None),
+        (1, 4, 6, 4, 16, 3, None),
+        (2, 3, 5, 7, 4, 6, "mask"),
+        (2, 3, 6, 6, 8, 4, "causal"),
     ]
-    for qb, kb, d_k, d_v, masking in cases:
-        q = torch.randn(*qb, d_k, generator=gen, dtype=torch.float64) * 2
-        k = torch.randn(*kb, d_k, generator=gen, dtype=torch.float64) * 2
-        v = torch.randn(*kb[:-1], kb[-1], d_v, generator=gen, dtype=torch.float64)
-        N, M = qb[-1], kb[-1]
+    for B, h, N, M, d_k, d_v, masking in cases:
+        q = torch.randn(B, h, N, d_k, generator=gen, dtype=torch.float64) * 2
+        k = torch.randn(B, h, M, d_k, generator=gen, dtype=torch.float64) * 2
+        v = torch.randn(B, h, M, d_v, generator=gen, dtype=torch.float64)
+        slopes = 2.0 ** (-torch.arange(1, h + 1, dtype=torch.float64) * 4 / h)  # ALiBi's geometric slopes, 4 bits
         mask = None
         if masking == "mask":
             mask = torch.rand(N, M, generator=gen) < 0.6
             mask[:, 0], mask[:, 1] = True, False  # every query keeps a key and loses one
-        elif masking == "padding":
-            mask = torch.ones(qb[0], 1, 1, M, dtype=torch.bool)
-            mask[0, ..., M - 2 :] = False  # key padding: the last two keys of the first sequence
-        where = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, mask " + (
-            "None" if mask is None else f"bool {tuple(mask.shape)}, True = attend"
+        elif masking == "causal":
+            mask = torch.ones(N, M, dtype=torch.bool).tril()
+        where = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, slopes {slopes.tolist()}, mask " + (
+            "None"
+            if mask is None
+            else f"bool {tuple(mask.shape)}, True = attend" + (" (causal)" * (masking == "causal"))
         )
-        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        bias = _alibi_bias(slopes, N, M)
+        float_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=float_mask)
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-        out = g.call(fn, qg, kg, vg, mask, where=where) if mask is not None else g.call(fn, qg, kg, vg, where=where)
+        args = (qg, kg, vg, slopes.clone()) + ((mask,) if mask is not None else ())
+        out = g.call(fn, *args, where=where)
         hint = ""
-        if isinstance(out, Tensor) and out.shape[:-2] == expected.shape[:-2] and out.shape[-2] == M != N:
+        if isinstance(out, Tensor) and out.ndim == 4 and out.shape[-2] == M != N:
             hint = ": one row per key; the output has one row per query, weights (N, M) @ v (M, d_v)"
         out = g.tensor(out, tuple(expected.shape), where, hint)
+
+        alibi = partial(_attention, q, k, v, mask, bias=bias)  # a keyword given to alibi(...) replaces its default
+
         mistakes = [
             (
-                _attention(q, k, v, mask, dim=-2),
-                "softmax over the wrong axis: each query's weights must sum to 1 over "
-                "the keys, softmax(scores, dim=-1)",
+                _attention(q, k, v, mask),
+                "no position bias: that is the chapter's attention; subtract slopes[h] * |i - j| from the "
+                "scores of head h before the softmax",
             ),
-            (_attention(q, k, v, mask, scale=1.0), "missing 1/sqrt(d_k) scale: divide the scores q k^T by sqrt(d_k)"),
-            (_attention(q, k, v, mask, scale=1 / d_k), "scaled by 1/d_k: the scale is 1/sqrt(d_k)"),
+            (alibi(bias=-bias), "bias with the wrong sign: distant keys must lose score, subtract slopes[h] * |i - j|"),
+            (
+                alibi(bias=bias / math.sqrt(d_k)),
+                "bias divided by sqrt(d_k) too: scale q k^T by 1/sqrt(d_k) first, then subtract the bias",
+            ),
+            (
+                alibi(bias=bias.flip(0)),
+                "slopes in the wrong order: head h uses slopes[h] (broadcast as slopes[:, None, None] over (h, N, M))",
+            ),
+            (
+                alibi(bias=_alibi_bias(slopes, N, M, signed=True)),
+                "signed distance i - j: keys after the query then gain score; the distance is |i - j|",
+            ),
+            (
+                alibi(dim=-2),
+                "softmax over the wrong axis: each query's weights must sum to 1 over the keys, "
+                "softmax(scores, dim=-1)",
+            ),
+            (alibi(scale=1.0), "missing 1/sqrt(d_k) scale: divide the scores q k^T by sqrt(d_k)"),
+            (alibi(scale=1 / d_k), "scaled by 1/d_k: the scale is 1/sqrt(d_k)"),
         ]
         if mask is not None:
             mistakes += [
                 (
-                    _attention(q, k, v, ~mask),
+                    _attention(q, k, v, ~mask, bias=bias),
                     "inverted mask: True means attend (as F.scaled_dot_product_attention); fill the scores where the "
                     "mask is False with -inf",
                 ),
-                (_attention(q, k, v), "mask ignored: set the scores of blocked keys to -inf before the softmax"),
                 (
-                    _attention(q, k, v, mask, fill=0.0),
+                    _attention(q, k, v, bias=bias),
+                    "mask ignored: set the scores of blocked keys to -inf before the softmax",
+                ),
+                (
+                    alibi(fill=0.0),
                     "masked scores set to 0, which still gets weight exp(0); use -inf so blocked keys get weight 0",
                 ),
                 (
-                    (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d_k), -1) * mask) @ v,
+                    (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d_k) + bias, -1) * mask) @ v,
                     "weights zeroed after "
                     "the softmax, so rows no longer sum to 1; mask the scores with -inf before the softmax instead",
                 ),
@@ -456,51 +496,10 @@ def check_attention(fn: Callable[..., Tensor]) -> None:
             g.fail(f"the output does not require grad: your function breaks the autograd graph\n  ({where})")
         out.sum().backward()
         ref = [t.clone().requires_grad_() for t in (q, k, v)]
-        F.scaled_dot_product_attention(*ref, attn_mask=mask).sum().backward()
+        F.scaled_dot_product_attention(*ref, attn_mask=float_mask).sum().backward()
         for name, mine, theirs in zip("qkv", (qg, kg, vg), ref):
             g.compare(mine.grad, theirs.grad, f"gradient of {name}; {where}")
-    _passed(g.name, f"{len(cases)} cases: batched, multi-head, masked; gradients included")
-
-
-def check_causal_mask(fn: Callable[[int], Tensor]) -> None:
-    """Check ``fn(n) -> (n, n)`` boolean mask, True = attend, that lets token i see tokens 0..i."""
-    g = _Grader("check_causal_mask")
-    for n in (5, 12, 1, 2):
-        where = f"fn({n})"
-        out = g.tensor(g.call(fn, n, where=where), (n, n), where)
-        if out.dtype != torch.bool:
-            g.fail(
-                f"expected a boolean mask (True = attend), got dtype {out.dtype}; build it with "
-                f"torch.ones(n, n, dtype=torch.bool).tril()\n  ({where})"
-            )
-        expected = torch.ones(n, n, dtype=torch.bool).tril()
-        if torch.equal(out, expected):
-            continue
-        for wrong, diagnosis in (
-            (
-                expected.T,
-                "upper triangle: True above the diagonal lets each token see the future; token i must see "
-                "keys 0..i, the lower triangle (tril)",
-            ),
-            (
-                ~expected,
-                "inverted: True must mean attend (F.scaled_dot_product_attention's attn_mask); "
-                "True = blocked is nn.MultiheadAttention's convention",
-            ),
-            (
-                expected.tril(-1),
-                "diagonal excluded: each token must also see itself (tril(0), not tril(-1)); "
-                "the first token would see nothing",
-            ),
-            (
-                torch.triu(torch.ones(n, n, dtype=torch.bool), 1),
-                "inverted: True must mean attend; this blocks the past and the token itself",
-            ),
-        ):
-            if torch.equal(out, wrong):
-                g.fail(f"{diagnosis}\n  ({where})")
-        g.fail(f"wrong mask: row i must be True exactly at columns 0..i\n  ({where}: got {out.int().tolist()})")
-    _passed(g.name, "sizes 5, 12, 1, 2")
+    _passed(g.name, f"{len(cases)} cases: several heads, N != M, masked and causal; gradients included")
 
 
 def _sincos(position: Tensor, freq: Tensor, swap: bool = False) -> Tensor:
@@ -701,80 +700,139 @@ def check_label_smoothing(fn: Callable[..., Tensor]) -> None:
 # --- Chapter 4: SAGAN's block ------------------------------------------------------------------------
 
 
-def check_self_attention_2d(cls: type[nn.Module]) -> None:
-    """Check SAGAN's block ``cls(channels, reduction)``: 1x1 convs ``query``, ``key``, ``value`` and ``gamma``."""
-    from companion.models import SelfAttention2d
+class _PooledSelfAttention2d(nn.Module):
+    """The reference of Exercise 4.1: SAGAN's block with BigGAN's pooled keys and values and value bottleneck."""
 
-    g = _Grader("check_self_attention_2d")
+    def __init__(self, channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.key = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.value = nn.Conv2d(channels, channels // 2, 1, bias=False)
+        self.out = nn.Conv2d(channels // 2, channels, 1, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def parts(self, x: Tensor, pool: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, HW, C/r) at every position; keys (B, M, C/r) and values (B, M, C/2), M = HW / 4."""
+        pool = pool or (lambda t: F.max_pool2d(t, 2))
+        q = self.query(x).flatten(2).transpose(1, 2)
+        k = pool(self.key(x)).flatten(2).transpose(1, 2)
+        v = pool(self.value(x)).flatten(2).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.parts(x)
+        o = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v  # (B, HW, C/2)
+        return self.gamma * self.out(o.transpose(1, 2).reshape(B, C // 2, H, W)) + x
+
+
+def check_pooled_self_attention_2d(cls: type[nn.Module]) -> None:
+    """Check ``cls(channels, reduction)``: SAGAN's block with keys and values max-pooled 2x2 and a C/2 value path.
+
+    Layers: 1x1 convolutions without bias ``query``, ``key`` (C -> C/r), ``value`` (C -> C/2), ``out`` (C/2 -> C)
+    and a scalar ``gamma``; forward ``gamma * out(softmax(Q K^T) V) + x``, Q at every position, K and V
+    max-pooled 2x2, as BigGAN's attention block.
+    """
+    g = _Grader("check_pooled_self_attention_2d")
     torch.manual_seed(0)
     C, r = 16, 4
     block = g.call(cls, C, r, where=f"cls({C}, {r})")
     if not isinstance(block, nn.Module):
         g.fail(f"cls({C}, {r}) must build an nn.Module, got {type(block).__name__}")
-    missing = [n for n in ("query", "key", "value", "gamma") if not hasattr(block, n)]
+    missing = [n for n in ("query", "key", "value", "out", "gamma") if not hasattr(block, n)]
     if missing:
-        g.fail(f"the block needs attributes query, key, value (1x1 Conv2d) and gamma; missing {missing}")
+        g.fail(f"the block needs attributes query, key, value, out (1x1 Conv2d) and gamma; missing {missing}")
     if not isinstance(block.gamma, nn.Parameter):
         g.fail("gamma must be a learned nn.Parameter, e.g. nn.Parameter(torch.zeros(()))")
     if block.gamma.detach().abs().max() != 0:
         g.fail(
             f"gamma must start at zero (got {block.gamma.detach().flatten().tolist()}): the block then begins as "
-            "the identity and the network learns how much attention to mix in"
+            "the identity"
         )
-    ref = SelfAttention2d(C, r)
+    ref = _PooledSelfAttention2d(C, r)
     try:
         ref.load_state_dict(block.state_dict())
     except RuntimeError as err:
-        g.fail(f"the parameters do not have SAGAN's shapes (queries and keys {C // r} channels, values {C}): {err}")
-    x = torch.randn(2, C, 5, 6, generator=torch.Generator().manual_seed(6))
+        g.fail(
+            f"the parameters do not have the exercise's shapes (1x1 convolutions without bias: query and key "
+            f"{C} -> {C // r} channels, value {C} -> {C // 2}, out {C // 2} -> {C}; gamma a scalar): {err}"
+        )
+    x = torch.randn(2, C, 6, 8, generator=torch.Generator().manual_seed(6))
     where = f"x {tuple(x.shape)}, gamma = 0"
-    out = g.tensor(g.call(block, x, where=where), tuple(x.shape), where)
+    out = g.call(block, x, where=where)
+    hint = ""
+    if isinstance(out, Tensor) and out.shape == (2, C, 3, 4):
+        hint = ": the queries were pooled too; only keys and values are pooled, every position keeps its query"
+    out = g.tensor(out, tuple(x.shape), where, hint)
     if not torch.allclose(out, x, atol=1e-6):
         if torch.allclose(out, torch.zeros_like(x)):
             g.fail(
-                f"missing residual: at gamma = 0 the block returns zeros; it returns gamma * attention + x\n  ({where})"
+                f"missing residual: at gamma = 0 the block returns zeros; it returns gamma * out(o) + x\n  ({where})"
             )
-        g.fail(f"with gamma = 0 the block must return its input unchanged: out = gamma * attention + x\n  ({where})")
+        g.fail(f"with gamma = 0 the block must return its input unchanged: gamma * out(o) + x\n  ({where})")
     with torch.no_grad():
         block.gamma.fill_(0.7)
         ref.gamma.fill_(0.7)
     where = f"x {tuple(x.shape)}, gamma = 0.7"
-    out = g.tensor(g.call(block, x, where=where), tuple(x.shape), where)
-    expected = ref(x)
+    out = g.call(block, x, where=where)
+    hint = ""
+    if isinstance(out, Tensor) and out.shape == (2, C, 3, 4):
+        hint = ": the queries were pooled too; only keys and values are pooled, every position keeps its query"
+    out = g.tensor(out, tuple(x.shape), where, hint)
     B, _, H, W = x.shape
     with torch.no_grad():
-        q = ref.query(x).flatten(2).transpose(1, 2)  # (B, HW, C/r)
-        k = ref.key(x).flatten(2).transpose(1, 2)
-        v = ref.value(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        expected = ref(x)
 
-        def block_out(attended: Tensor, residual: bool = True, transpose: bool = True) -> Tensor:
-            o = attended.transpose(1, 2).reshape(B, C, H, W) if transpose else attended.reshape(B, C, H, W)
-            return 0.7 * o + x if residual else 0.7 * o
+        def block_out(
+            parts: tuple[Tensor, Tensor, Tensor] | None = None,
+            dim: int = -1,
+            scale: float = 1.0,
+            residual: bool = True,
+            transpose: bool = True,
+        ) -> Tensor:
+            q, k, v = parts or ref.parts(x)
+            o = torch.softmax(q @ k.transpose(1, 2) * scale, dim=dim) @ v
+            o = o.transpose(1, 2).reshape(B, C // 2, H, W) if transpose else o.reshape(B, C // 2, H, W)
+            o = 0.7 * ref.out(o)
+            return o + x if residual else o
 
+        pooled_first = (
+            ref.query(x).flatten(2).transpose(1, 2),
+            ref.key(F.max_pool2d(x, 2)).flatten(2).transpose(1, 2),
+            ref.value(F.max_pool2d(x, 2)).flatten(2).transpose(1, 2),
+        )
         mistakes = [
             (
-                block_out(_attention(q, k, v, scale=1.0), residual=False),
-                "missing residual: the block returns gamma * attention + x",
+                block_out(ref.parts(x, lambda t: F.avg_pool2d(t, 2))),
+                "keys and values average-pooled: BigGAN max-pools them, F.max_pool2d(t, 2)",
             ),
             (
-                block_out(_attention(q, k, v, scale=1.0, dim=-2)),
-                "softmax over the wrong axis: each position's "
-                "weights must sum to 1 over the positions it reads (the keys), the last axis of Q K^T",
+                block_out(ref.parts(x, lambda t: t)),
+                "keys and values not pooled: every position then reads all HW positions; max-pool the keys and "
+                "the values 2x2 so that it reads HW / 4",
             ),
             (
-                block_out(_attention(q, k, v)),
-                "scaled by 1/sqrt(C/r): SAGAN's block uses the plain dot product (scale 1)",
+                block_out(pooled_first),
+                "pooled before the 1x1 convolutions: max-pooling does not commute with them; compute the keys and "
+                "values at every position, then pool them",
             ),
+            (block_out(residual=False), "missing residual: the block returns gamma * out(o) + x"),
             (
-                block_out(_attention(q, k, v, scale=1.0), transpose=False),
-                "output reshaped without the transpose: (B, HW, C) -> transpose(1, 2) -> (B, C, H, W)",
+                block_out(dim=-2),
+                "softmax over the wrong axis: each query's weights must sum to 1 over the (pooled) keys, the "
+                "last axis of Q K^T",
+            ),
+            (block_out(scale=1 / math.sqrt(C // r)), "scaled by 1/sqrt(C/r): SAGAN's block uses the plain dot product"),
+            (
+                block_out(transpose=False),
+                "output reshaped without the transpose: (B, HW, C/2) -> transpose(1, 2) -> (B, C/2, H, W), then out",
             ),
         ]
     g.compare(out.detach(), expected.detach(), where, mistakes, atol=1e-5)
     out.sum().backward()
     if block.gamma.grad is None or block.gamma.grad.abs().max() == 0:
-        g.fail("gamma gets no gradient: multiply the attention output by self.gamma in forward")
-    _passed(g.name, "identity at gamma = 0, equal to the reference at gamma = 0.7")
+        g.fail("gamma gets no gradient: multiply the output of out(...) by self.gamma in forward")
+    _passed(g.name, "identity at gamma = 0, equal to the reference at gamma = 0.7 on a 6x8 map")
 
 
 def check_effective_positions(fn: Callable[[Tensor], Tensor]) -> None:
@@ -936,42 +994,76 @@ def check_encoder_block(cls: type[nn.Module]) -> None:
     _passed(g.name, "equal to the reference block with the same weights")
 
 
-def check_attention_rollout(fn: Callable[[list[Tensor]], Tensor]) -> None:
-    """Check ``fn(attentions: list of (B, heads, T, T)) -> (B, T, T)``, rollout with the residual 0.5 W + 0.5 I."""
+def _rollout(
+    layers: list[Tensor],
+    combine: Callable[[Tensor], Tensor] = lambda w: w.mean(1),
+    residual: bool = True,
+    reverse: bool = False,
+) -> Tensor:
+    """Rollout with knobs for the catalogued mistakes (how heads combine, the residual, the order of the layers)."""
+    result = None
+    for w in layers:
+        a = combine(w)
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype) if residual else a
+        a = a / a.sum(-1, keepdim=True)
+        result = a if result is None else (result @ a if reverse else a @ result)
+    return result
+
+
+def check_mean_pool_rollout(fn: Callable[[list[Tensor]], Tensor]) -> None:
+    """Check ``fn(attentions: list of (B, heads, N, N)) -> (B, N)``: the rollout share of each input token in the
+    mean of the output tokens (a ViT with ``pool='mean'``, no class token), rollout with 0.5 W + 0.5 I."""
     from companion.models.vit import attention_rollout
 
-    g = _Grader("check_attention_rollout")
+    g = _Grader("check_mean_pool_rollout")
     gen = torch.Generator().manual_seed(11)
-    layers = [torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64).mul(2).softmax(-1) for _ in range(3)]
-    where = f"{len(layers)} layers of weights {tuple(layers[0].shape)}"
-    out = g.tensor(g.call(fn, [w.clone() for w in layers], where=where), (2, 5, 5), where, ": (batch, T, T)")
-    expected = attention_rollout(layers)
-    eye = torch.eye(5, dtype=torch.float64)
-
-    def rollout(combine: Callable[[Tensor], Tensor], residual: bool = True, reverse: bool = False) -> Tensor:
-        result = None
-        for w in layers:
-            a = combine(w)
-            a = 0.5 * a + 0.5 * eye if residual else a
-            a = a / a.sum(-1, keepdim=True)
-            result = a if result is None else (result @ a if reverse else a @ result)
-        return result
-
-    mistakes = [
-        (
-            rollout(lambda w: w.mean(1), reverse=True),
-            "layers multiplied in the wrong order: later layers act on the "
-            "result of earlier ones, R = A_L ... A_2 A_1 (rollout = a @ rollout)",
-        ),
-        (
-            rollout(lambda w: w.mean(1), residual=False),
-            "residual missing: use A = 0.5 W + 0.5 I for the skip connection",
-        ),
-        (rollout(lambda w: w.amax(1)), "heads combined by their maximum: average them (mean over dim 1)"),
-        (rollout(lambda w: w.sum(1)), "heads summed: average them (mean over dim 1), so rows still sum to 1"),
-    ]
-    g.compare(out, expected, where, mistakes)
-    _passed(g.name, "three layers, three heads")
+    for B, heads, N, depth in ((2, 3, 5, 3), (3, 2, 7, 2)):
+        layers = [
+            torch.randn(B, heads, N, N, generator=gen, dtype=torch.float64).mul(2).softmax(-1) for _ in range(depth)
+        ]
+        where = f"{depth} layers of weights {tuple(layers[0].shape)}"
+        out = g.call(fn, [w.clone() for w in layers], where=where)
+        hint = ": one share per input token"
+        if isinstance(out, Tensor) and tuple(out.shape) == (B, N, N):
+            hint = ": that is the whole rollout matrix R; the pooled vector needs one share per input token, (B, N)"
+        elif isinstance(out, Tensor) and tuple(out.shape) == (B, N - 1):
+            hint = ": a token was dropped as if it were a class token; a mean-pooled ViT has none, all N tokens count"
+        out = g.tensor(out, (B, N), where, hint)
+        R = attention_rollout(layers)
+        expected = R.mean(1)
+        mistakes = [
+            (
+                R[:, 0],
+                "row 0 of the rollout: that is where the class token's state comes from; a mean-pooled ViT has no "
+                "class token, its pooled vector is the mean of all N output tokens, so average the rows of R",
+            ),
+            (
+                R.mean(-1),
+                "averaged within each row: row i of R is how output token i draws on the inputs; average over the "
+                "output tokens, the rows (dim 1)",
+            ),
+            (R.sum(1), "summed over the output tokens: the pooled vector is their mean, so the shares sum to 1"),
+            (
+                R.diagonal(dim1=-2, dim2=-1),
+                "the diagonal of R: that is how much each token keeps of itself; average the rows of R",
+            ),
+            (
+                _rollout(layers, reverse=True).mean(1),
+                "layers multiplied in the wrong order: later layers act on the result of earlier ones, "
+                "R = A_L ... A_2 A_1 (rollout = a @ rollout)",
+            ),
+            (
+                _rollout(layers, residual=False).mean(1),
+                "residual missing: use A = 0.5 W + 0.5 I for the skip connection",
+            ),
+            (
+                _rollout(layers, lambda w: w.amax(1)).mean(1),
+                "heads combined by their maximum: average them (mean over dim 1)",
+            ),
+            (torch.stack(layers).mean((0, 2)).mean(1), "layers averaged instead of multiplied: R = A_L ... A_1"),
+        ]
+        g.compare(out, expected, where, mistakes)
+    _passed(g.name, "two shapes, several layers and heads")
 
 
 # --- Chapter 6: classifying with a language model ---------------------------------------------------------
@@ -1025,3 +1117,69 @@ def check_prompt_ensemble(fn: Callable[[Tensor], Tensor]) -> None:
     ]
     g.compare(out, F.normalize(unit.mean(1), dim=-1), where, mistakes)
     _passed(g.name, "embeddings of uneven lengths")
+
+
+def _caption_scores(logits: Tensor, captions: Tensor, pad: int, shift: int = 1, log: bool = True) -> tuple:
+    """Per-token log-probabilities of the targets, (N, K, L - 1), and the mask of real targets, (K, L - 1)."""
+    targets = captions[:, shift : captions.shape[1] - 1 + shift]  # (K, L - 1)
+    logp = logits.log_softmax(-1) if log else logits
+    picked = logp.gather(-1, targets.expand(logits.shape[0], -1, -1)[..., None])[..., 0]  # (N, K, L - 1)
+    return picked, targets != pad
+
+
+def check_caption_scores(fn: Callable[..., Tensor]) -> None:
+    """Check ``fn(logits (N, K, L - 1, V), captions (K, L), pad) -> (N, K)``: the mean log-probability per real
+    token of caption k for image n, where ``logits[n, k, t]`` predicts ``captions[k, t + 1]``, pad targets left out."""
+    g = _Grader("check_caption_scores")
+    gen = torch.Generator().manual_seed(14)
+    for N, K, L, V, pad in ((3, 4, 7, 11, 0), (2, 5, 9, 13, 3)):
+        bos = (pad + 1) % V
+        lengths = torch.tensor([L - 1 - (k * 2) % (L - 2) for k in range(K)])  # real targets per caption, 1 to L - 1
+        words = torch.randint(0, V - 1, (K, L - 1), generator=gen)
+        words = words + (words >= pad).long()  # no pad among the real words
+        captions = torch.full((K, L), pad, dtype=torch.long)
+        captions[:, 0] = bos
+        for k in range(K):
+            captions[k, 1 : 1 + lengths[k]] = words[k, : lengths[k]]
+        logits = torch.randn(N, K, L - 1, V, generator=gen, dtype=torch.float64) * 2
+        where = (
+            f"logits {tuple(logits.shape)}, captions {tuple(captions.shape)} of {lengths.tolist()} real target "
+            f"tokens, pad={pad}"
+        )
+        out = g.call(fn, logits.clone(), captions.clone(), pad, where=where)
+        out = g.tensor(out, (N, K), where, ": one score per (image, caption)")
+        picked, real = _caption_scores(logits, captions, pad)
+        expected = (picked * real).sum(-1) / real.sum(-1)
+        unshifted, real0 = _caption_scores(logits, captions, pad, shift=0)
+        raw, _ = _caption_scores(logits, captions, pad, log=False)
+        mistakes = [
+            (
+                (picked * real).sum(-1),
+                "summed log-probabilities: that is approach 4's score, which favours short captions; divide by "
+                "the number of real (non-pad) target tokens of each caption",
+            ),
+            (
+                picked.mean(-1),
+                "padding counted: the log-probabilities of pad targets are in the mean; leave the positions whose "
+                "target is pad out of the sum and the count",
+            ),
+            (
+                (picked * real).sum(-1) / (L - 1),
+                "divided by L - 1, the padded length: divide by the number of real targets of each caption",
+            ),
+            (
+                (picked * real).sum(-1) / (captions != pad).sum(-1),
+                "the start token counted: it is an input, never a target; count the real tokens of captions[:, 1:]",
+            ),
+            (
+                (unshifted * real0).sum(-1) / real0.sum(-1),
+                "targets not shifted: logits[n, k, t] predicts the next token, captions[k, t + 1]",
+            ),
+            ((raw * real).sum(-1) / real.sum(-1), "log_softmax missing: the logits are not log-probabilities"),
+            (
+                (picked.exp() * real).sum(-1) / real.sum(-1),
+                "mean of the probabilities: average the log-probabilities (a geometric mean of the probabilities)",
+            ),
+        ]
+        g.compare(out, expected, where, mistakes)
+    _passed(g.name, "captions of different lengths, two pad ids")

@@ -1,7 +1,7 @@
 """A check a student cannot fool, grading a class, and the files an instructor writes (companion.exercises).
 
 The submissions here are small synthetic notebooks graded against a small release with three coding exercises
-(graded by check_causal_mask, which runs in milliseconds) and a written answer: each scenario is one real run of
+(graded by check_effective_positions, which runs in milliseconds) and a written answer: each scenario is one real run of
 ``check`` in its own process, as in a course.
 """
 
@@ -23,8 +23,8 @@ from companion.__main__ import main
 from companion.exercises import BEGIN, END, check, release, solutions
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD = "    return torch.ones(n, n, dtype=torch.bool).tril()\n"
-WRONG = "    return torch.ones(n, n, dtype=torch.bool).triu()\n"  # the upper triangle: sees the future
+GOOD = "    return (-torch.special.xlogy(w, w).sum(-1)).exp()\n"
+WRONG = "    return -torch.special.xlogy(w, w).sum(-1)\n"  # the entropy, not its exponential
 
 
 def _cell(kind: str, source: str, **nbgrader) -> dict:
@@ -37,12 +37,12 @@ def _cell(kind: str, source: str, **nbgrader) -> dict:
 
 
 def _solution(name: str, body: str) -> dict:
-    source = f"def {name}(n):\n    {BEGIN}\n{body}    {END}\n"
+    source = f"def {name}(w):\n    {BEGIN}\n{body}    {END}\n"
     return _cell("code", source, grade=False, solution=True, grade_id=f"ex-{name}")
 
 
 def _grader(name: str) -> dict:
-    cell = _cell("code", f"grading.check_causal_mask({name})", grade=True, solution=False, points=1)
+    cell = _cell("code", f"grading.check_effective_positions({name})", grade=True, solution=False, points=1)
     cell["metadata"]["nbgrader"].update(grade_id=f"ex-{name}-check", locked=True)
     return cell
 
@@ -86,9 +86,9 @@ def test_edited_patched_deleted_and_added_graders_and_points_come_from_the_relea
         cells[3]["metadata"]["nbgrader"]["points"] = 1000
         cells[4]["source"] = (  # mask_b wrong, and the graders monkeypatched
             "import companion.grading\n"
-            "grading.check_causal_mask = lambda fn: print('passed')\n"
-            "companion.grading.check_causal_mask = grading.check_causal_mask\n"
-            "def mask_b(n):\n" + WRONG
+            "grading.check_effective_positions = lambda fn: print('passed')\n"
+            "companion.grading.check_effective_positions = grading.check_effective_positions\n"
+            "def mask_b(w):\n" + WRONG
         )
         del cells[7]  # mask_c's grader deleted
         bonus = _cell("code", "print('bonus')", grade=True, solution=False, grade_id="bonus", points=5000)
@@ -112,8 +112,8 @@ def test_edited_patched_deleted_and_added_graders_and_points_come_from_the_relea
     got = _by_name(results)
     assert list(got) == ["ex-mask_a", "ex-mask_b", "ex-mask_c", "ex-written"]
     assert [r.points for r in results] == [1, 1, 1, 2]  # the release's points, not 1000; no bonus row
-    assert not got["ex-mask_a"].passed and "upper triangle" in got["ex-mask_a"].diagnosis
-    assert not got["ex-mask_b"].passed and "upper triangle" in got["ex-mask_b"].diagnosis
+    assert not got["ex-mask_a"].passed and "that is the entropy" in got["ex-mask_a"].diagnosis
+    assert not got["ex-mask_b"].passed and "that is the entropy" in got["ex-mask_b"].diagnosis
     assert not got["ex-mask_c"].passed and "missing from the submission" in got["ex-mask_c"].diagnosis
     assert got["ex-written"].kind == "manual"
     assert any("was edited; the released version ran" in n for n in notes), notes
@@ -143,7 +143,7 @@ def test_an_endless_loop_times_out_and_a_crash_is_a_report_row(tmp_path):
     rel = _release(tmp_path)
 
     def loop_then_crash(cells):
-        cells[2]["source"] = "def mask_a(n):\n    while True:\n        pass\n"
+        cells[2]["source"] = "def mask_a(w):\n    while True:\n        pass\n"
         cells.insert(6, _cell("code", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"))  # before mask_c
 
     sub = _submission(rel, tmp_path / "loop.ipynb", loop_then_crash)
@@ -216,7 +216,7 @@ def test_grade_a_class(tmp_path):
     assert table["right", "ex-written"]["status"] == "manual" and table["right", "ex-written"]["points"] == ""
     assert (
         table["wrong", "ex-mask_a"]["status"] == "failed"
-        and "upper triangle" in table["wrong", "ex-mask_a"]["diagnosis"]
+        and "that is the entropy" in table["wrong", "ex-mask_a"]["diagnosis"]
     )
     assert table["wrong", "ex-mask_b"]["points"] == "1.0"
     assert all(table["blank", f"ex-{n}"]["status"] == "failed" for n in NAMES)

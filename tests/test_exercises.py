@@ -161,15 +161,16 @@ def test_check_released_notebook_reports_every_exercise_not_done(tmp_path, capsy
 def test_check_names_a_students_mistake(tmp_path, capsys):
     (released,) = release(tmp_path, [FAST])
     nb = _nb(released)
-    cell = next(c for c in nb["cells"] if "def my_attention(" in _src(c))
+    cell = next(c for c in nb["cells"] if "def my_alibi_attention(" in _src(c))
     cell["source"] = _src(cell).replace(
         "    raise NotImplementedError()",
-        "    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-2) @ v",
+        "    bias = -slopes[:, None, None] * (torch.arange(q.shape[-2])[:, None] - torch.arange(k.shape[-2])).abs()\n"
+        "    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias, dim=-2) @ v",
     )
     released.write_text(json.dumps(nb), encoding="utf-8")
     assert main(["exercises", "check", str(released), "--exercises-only"]) == 1
     table = capsys.readouterr().out
-    assert re.search(r"ex2_\d-attention\s+FAILED\s+check_attention: softmax over the wrong axis", table), table
+    assert re.search(r"ex2_\d-alibi\s+FAILED\s+check_alibi_attention: softmax over the wrong axis", table), table
 
 
 def test_check_book_notebook_passes_every_exercise():

@@ -194,9 +194,11 @@ def test_max_pool2d_mutants(mutant):
 # --- Chapter 2 -----------------------------------------------------------------------------------------
 
 
-def attention(q, k, v, mask=None, dim=-1, scale=None, fill=float("-inf"), invert=False, after=False):
+def attention(q, k, v, mask=None, dim=-1, scale=None, fill=float("-inf"), invert=False, after=False, bias=None):
     """A correct attention by default; the keywords switch on the classic mistakes."""
     scores = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if bias is not None:
+        scores = scores + bias
     if mask is not None and not after:
         scores = scores.masked_fill(mask if invert else ~mask, fill)
     weights = scores.softmax(dim)
@@ -205,51 +207,70 @@ def attention(q, k, v, mask=None, dim=-1, scale=None, fill=float("-inf"), invert
     return weights @ v
 
 
-ATTENTION_MUTANTS = {
-    "softmax over the wrong axis": lambda q, k, v, mask=None: attention(q, k, v, mask, dim=-2),
-    "missing 1/sqrt(d_k) scale": lambda q, k, v, mask=None: attention(q, k, v, mask, scale=1.0),
-    "scaled by 1/d_k": lambda q, k, v, mask=None: attention(q, k, v, mask, scale=1 / q.shape[-1]),
-    "inverted mask": lambda q, k, v, mask=None: attention(q, k, v, mask, invert=True),
-    "mask ignored": lambda q, k, v, mask=None: attention(q, k, v),
-    "masked scores set to 0": lambda q, k, v, mask=None: attention(q, k, v, mask, fill=0.0),
-    "weights zeroed after the softmax": lambda q, k, v, mask=None: attention(q, k, v, mask, after=True),
-    "one row per key": lambda q, k, v, mask=None: torch.zeros(*k.shape[:-1], v.shape[-1]),
-    "transpose(1, 2)": lambda q, k, v, mask=None: (q @ k.transpose(1, 2) / q.shape[-1] ** 0.5).softmax(-1) @ v,
+def distance_bias(slopes, n, m, signed=False, sign=-1, divide=1.0, flip=False):
+    """ALiBi's bias -slopes[h] * |i - j|, (h, n, m), correct by default; the keywords switch on the mistakes."""
+    d = torch.arange(n)[:, None] - torch.arange(m)[None, :]
+    d = d if signed else d.abs()
+    s = slopes.flip(0) if flip else slopes
+    return sign * s[:, None, None] * d / divide
+
+
+def alibi(q, k, v, slopes, mask=None, bias_kw=None, **mistake):
+    """ALiBi attention, correct by default; ``bias_kw`` and ``mistake`` switch on the classic mistakes."""
+    bias = distance_bias(slopes, q.shape[-2], k.shape[-2], **(bias_kw or {}))
+    return attention(q, k, v, mask, bias=bias, **mistake)
+
+
+def alibi_sdpa(q, k, v, slopes, mask=None):
+    bias = distance_bias(slopes, q.shape[-2], k.shape[-2])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias if mask is None else bias.masked_fill(~mask, -math.inf)
+    )
+
+
+ALIBI_MUTANTS = {
+    "no position bias": lambda q, k, v, s, mask=None: attention(q, k, v, mask),  # the chapter's attention
+    "wrong sign": lambda q, k, v, s, mask=None: alibi(q, k, v, s, mask, {"sign": 1}),
+    "bias divided by sqrt(d_k) too": lambda q, k, v, s, mask=None: alibi(
+        q, k, v, s, mask, {"divide": math.sqrt(q.shape[-1])}
+    ),
+    "slopes in the wrong order": lambda q, k, v, s, mask=None: alibi(q, k, v, s, mask, {"flip": True}),
+    "signed distance i - j": lambda q, k, v, s, mask=None: alibi(q, k, v, s, mask, {"signed": True}),
+    "softmax over the wrong axis": lambda q, k, v, s, mask=None: alibi(q, k, v, s, mask, dim=-2),
+    "missing 1/sqrt(d_k) scale": lambda q, k, v, s, mask=None: alibi(q, k, v, s, mask, scale=1.0),
+    "scaled by 1/d_k": lambda q, k, v, s, mask=None: alibi(q, k, v, s, mask, scale=1 / q.shape[-1]),
+    "inverted mask": lambda q, k, v, s, mask=None: alibi(q, k, v, s, mask, invert=True),
+    "mask ignored": lambda q, k, v, s, mask=None: alibi(q, k, v, s),
+    "masked scores set to 0": lambda q, k, v, s, mask=None: alibi(q, k, v, s, mask, fill=0.0),
+    "weights zeroed after the softmax": lambda q, k, v, s, mask=None: alibi(q, k, v, s, mask, after=True),
+    "one row per key": lambda q, k, v, s, mask=None: torch.zeros(*k.shape[:-1], v.shape[-1]),
+    "your code raised RuntimeError": lambda q, k, v, s, mask=None: attention(  # slopes broadcast over the batch
+        q,
+        k,
+        v,
+        mask,
+        bias=-s.view(-1, 1, 1, 1) * (torch.arange(q.shape[-2])[:, None] - torch.arange(k.shape[-2])).abs(),
+    ),
 }
 
 
-def test_attention_reference_passes():
-    grading.check_attention(attention)
-    grading.check_attention(F.scaled_dot_product_attention)  # the mask goes in as the fourth positional argument
+def test_alibi_attention_reference_passes():
+    grading.check_alibi_attention(alibi)
+    grading.check_alibi_attention(alibi_sdpa)  # the mask goes in as the fifth positional argument
 
 
-@pytest.mark.parametrize("diagnosis", ATTENTION_MUTANTS)
-def test_attention_mutants(diagnosis):
-    fragment = "your code raised RuntimeError" if diagnosis == "transpose(1, 2)" else diagnosis
-    _fails_with(grading.check_attention, ATTENTION_MUTANTS[diagnosis], fragment)
+@pytest.mark.parametrize("diagnosis", ALIBI_MUTANTS)
+def test_alibi_attention_mutants(diagnosis):
+    _fails_with(grading.check_alibi_attention, ALIBI_MUTANTS[diagnosis], diagnosis)
 
 
-CAUSAL_MUTANTS = {
-    "upper triangle": lambda n: torch.ones(n, n, dtype=torch.bool).triu(),
-    "inverted": lambda n: ~torch.ones(n, n, dtype=torch.bool).tril(),
-    "diagonal excluded": lambda n: torch.ones(n, n, dtype=torch.bool).tril(-1),
-    "expected a boolean mask": lambda n: torch.ones(n, n).tril(),
-    "wrong output shape": lambda n: torch.ones(n, n + 1, dtype=torch.bool).tril(),
-    "row i must be True": lambda n: torch.ones(n, n, dtype=torch.bool),
-}
-
-
-def test_causal_mask_reference_passes():
-    grading.check_causal_mask(lambda n: torch.ones(n, n, dtype=torch.bool).tril())
-
-
-@pytest.mark.parametrize("diagnosis", CAUSAL_MUTANTS)
-def test_causal_mask_mutants(diagnosis):
-    fn = CAUSAL_MUTANTS[diagnosis]
-    if diagnosis == "row i must be True":  # all True is right only for n = 1: no catalogued mistake
-        _fails_with(grading.check_causal_mask, fn, "wrong mask", "fn(5)")
-    else:
-        _fails_with(grading.check_causal_mask, fn, diagnosis)
+def test_alibi_attention_fails_the_chapters_own_attention():
+    """The old exercise's answer, plain masked attention (the chapter shows it), does not pass the variant."""
+    chapters_answer = lambda q, k, v, attn_mask=None: attention(q, k, v, attn_mask)  # noqa: E731
+    _fails_with(grading.check_alibi_attention, chapters_answer)
+    _fails_with(
+        grading.check_alibi_attention, lambda q, k, v, s, mask=None: scaled_dot_product_attention(q, k, v, mask)
+    )
 
 
 def pe(n, dim, swap=False, concat=False, exponent=2, sign=-1, start=0):
@@ -364,66 +385,99 @@ def test_label_smoothing_mutants(diagnosis):
 
 
 class SAGAN(nn.Module):
-    """SAGAN's block, correct by default; the class attributes switch on the classic mistakes."""
-
-    gamma_init, residual, softmax_dim, scaled, transpose = 0.0, True, -1, False, True
+    """The old Exercise 4.1's answer: SAGAN's block as the chapter shows it (all positions, a C -> C value)."""
 
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__()
         self.query = nn.Conv2d(channels, channels // reduction, 1)
         self.key = nn.Conv2d(channels, channels // reduction, 1)
         self.value = nn.Conv2d(channels, channels, 1)
-        self.gamma = nn.Parameter(torch.full((), self.gamma_init))
+        self.gamma = nn.Parameter(torch.zeros(()))
 
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = (m(x).flatten(2).transpose(1, 2) for m in (self.query, self.key, self.value))
+        o = (q @ k.transpose(1, 2)).softmax(-1) @ v
+        return self.gamma * o.transpose(1, 2).reshape(B, C, H, W) + x
+
+
+class Pooled(nn.Module):
+    """BigGAN's pooled block, correct by default; the class attributes switch on the classic mistakes."""
+
+    gamma_init, residual, softmax_dim, scaled, transpose = 0.0, True, -1, False, True
+    pool, pool_first, pool_queries = "max", False, False
+
+    def __init__(self, channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.key = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.value = nn.Conv2d(channels, channels // 2, 1, bias=False)
+        self.out = nn.Conv2d(channels // 2, channels, 1, bias=False)
+        self.gamma = nn.Parameter(torch.full((), self.gamma_init))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        pool = {"max": lambda t: F.max_pool2d(t, 2), "avg": lambda t: F.avg_pool2d(t, 2), None: lambda t: t}[self.pool]
+        q = self.query(pool(x) if self.pool_queries else x).flatten(2).transpose(1, 2)
+        if self.pool_first:
+            k, v = self.key(pool(x)), self.value(pool(x))
+        else:
+            k, v = pool(self.key(x)), pool(self.value(x))
+        k, v = k.flatten(2).transpose(1, 2), v.flatten(2).transpose(1, 2)
         scores = q @ k.transpose(1, 2) / (math.sqrt(q.shape[-1]) if self.scaled else 1.0)
-        o = scores.softmax(self.softmax_dim) @ v  # (B, HW, C)
-        o = o.transpose(1, 2).reshape(B, C, H, W) if self.transpose else o.reshape(B, C, H, W)
-        return self.gamma * o + x if self.residual else self.gamma * o
+        o = scores.softmax(self.softmax_dim) @ v  # (B, HW, C/2)
+        h, w = (H // 2, W // 2) if self.pool_queries else (H, W)
+        o = o.transpose(1, 2).reshape(B, C // 2, h, w) if self.transpose else o.reshape(B, C // 2, h, w)
+        o = self.gamma * self.out(o)
+        return o + (F.max_pool2d(x, 2) if self.pool_queries else x) if self.residual else o
 
 
-def sagan(**mistake):
-    return type("Mutant", (SAGAN,), mistake)
+def pooled(**mistake):
+    return type("Mutant", (Pooled,), mistake)
 
 
-class SAGANFixedGamma(SAGAN):
+class PooledFixedGamma(Pooled):
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__(channels, reduction)
         del self.gamma
         self.register_buffer("gamma", torch.zeros(()))
 
 
-class SAGANWrongShapes(SAGAN):
+class PooledWithBias(Pooled):
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__(channels, reduction)
-        self.query = nn.Conv2d(channels, channels, 1)
+        self.value = nn.Conv2d(channels, channels // 2, 1)
 
 
-SAGAN_MUTANTS = {
-    "gamma must start at zero": sagan(gamma_init=1.0),
-    "missing residual": sagan(residual=False),
-    "softmax over the wrong axis": sagan(softmax_dim=1),
-    "scaled by 1/sqrt(C/r)": sagan(scaled=True),
-    "reshaped without the transpose": sagan(transpose=False),
-    "gamma must be a learned nn.Parameter": SAGANFixedGamma,
-    "do not have SAGAN's shapes": SAGANWrongShapes,
+POOLED_MUTANTS = {
+    "gamma must start at zero": pooled(gamma_init=1.0),
+    "missing residual": pooled(residual=False),
+    "softmax over the wrong axis": pooled(softmax_dim=1),
+    "scaled by 1/sqrt(C/r)": pooled(scaled=True),
+    "reshaped without the transpose": pooled(transpose=False),
+    "average-pooled": pooled(pool="avg"),
+    "keys and values not pooled": pooled(pool=None),
+    "pooled before the 1x1 convolutions": pooled(pool_first=True),
+    "the queries were pooled too": pooled(pool_queries=True),
+    "gamma must be a learned nn.Parameter": PooledFixedGamma,
+    "do not have the exercise's shapes": PooledWithBias,
 }
 
 
-def test_self_attention_2d_reference_passes():
-    grading.check_self_attention_2d(SAGAN)
-    grading.check_self_attention_2d(SelfAttention2d)
+def test_pooled_self_attention_2d_reference_passes():
+    grading.check_pooled_self_attention_2d(Pooled)
 
 
-@pytest.mark.parametrize("diagnosis", SAGAN_MUTANTS)
-def test_self_attention_2d_mutants(diagnosis):
-    _fails_with(grading.check_self_attention_2d, SAGAN_MUTANTS[diagnosis], diagnosis)
+@pytest.mark.parametrize("diagnosis", POOLED_MUTANTS)
+def test_pooled_self_attention_2d_mutants(diagnosis):
+    _fails_with(grading.check_pooled_self_attention_2d, POOLED_MUTANTS[diagnosis], diagnosis)
 
 
-def test_self_attention_2d_missing_attributes():
-    _fails_with(grading.check_self_attention_2d, lambda c, r: nn.Identity(), "missing ['query', 'key', 'value'")
+def test_pooled_self_attention_2d_fails_the_chapters_block():
+    """The old exercise's answer, SAGAN's block as the chapter shows it, does not pass the variant."""
+    for block in (SAGAN, SelfAttention2d):
+        _fails_with(grading.check_pooled_self_attention_2d, block, "missing ['out']")
+    _fails_with(grading.check_pooled_self_attention_2d, lambda c, r: nn.Identity(), "missing ['query', 'key'")
 
 
 def effective(weights):
@@ -569,23 +623,31 @@ def rollout(attentions, combine="mean", residual=True, reverse=False):
     return result
 
 
-ROLLOUT_MUTANTS = {
-    "wrong order": lambda ws: rollout(ws, reverse=True),
-    "residual missing": lambda ws: rollout(ws, residual=False),
-    "by their maximum": lambda ws: rollout(ws, combine="max"),
-    "heads summed": lambda ws: rollout(ws, combine="sum"),
-    "wrong output shape": lambda ws: torch.stack(ws),
+def mean_pool_rollout(attentions, **mistake):
+    return rollout(attentions, **mistake).mean(1)
+
+
+MEAN_POOL_MUTANTS = {
+    "row 0 of the rollout": lambda ws: rollout(ws)[:, 0],  # the class token's row, as the chapter reads it
+    "that is the whole rollout matrix": lambda ws: rollout(ws),  # the old exercise's answer
+    "as if it were a class token": lambda ws: rollout(ws)[:, 0, 1:],  # the chapter's picture, patches only
+    "averaged within each row": lambda ws: rollout(ws).mean(-1),
+    "summed over the output tokens": lambda ws: rollout(ws).sum(1),
+    "the diagonal of R": lambda ws: rollout(ws).diagonal(dim1=-2, dim2=-1),
+    "wrong order": lambda ws: mean_pool_rollout(ws, reverse=True),
+    "residual missing": lambda ws: mean_pool_rollout(ws, residual=False),
+    "by their maximum": lambda ws: mean_pool_rollout(ws, combine="max"),
 }
 
 
-def test_attention_rollout_reference_passes():
-    grading.check_attention_rollout(rollout)
-    grading.check_attention_rollout(attention_rollout)
+def test_mean_pool_rollout_reference_passes():
+    grading.check_mean_pool_rollout(mean_pool_rollout)
+    grading.check_mean_pool_rollout(lambda ws: attention_rollout(ws).mean(1))
 
 
-@pytest.mark.parametrize("diagnosis", ROLLOUT_MUTANTS)
-def test_attention_rollout_mutants(diagnosis):
-    _fails_with(grading.check_attention_rollout, ROLLOUT_MUTANTS[diagnosis], diagnosis)
+@pytest.mark.parametrize("diagnosis", MEAN_POOL_MUTANTS)
+def test_mean_pool_rollout_mutants(diagnosis):
+    _fails_with(grading.check_mean_pool_rollout, MEAN_POOL_MUTANTS[diagnosis], diagnosis)
 
 
 # --- Chapter 6 -----------------------------------------------------------------------------------------
@@ -647,27 +709,76 @@ def test_prompt_ensemble_mutants(diagnosis):
     _fails_with(grading.check_prompt_ensemble, ENSEMBLE_MUTANTS[diagnosis], diagnosis)
 
 
+def caption_scores(logits, captions, pad, reduce="mean", shift=1, log=True, count="targets"):
+    """Mean log-probability per real target token, correct by default; the keywords switch on the mistakes."""
+    targets = captions[:, shift : captions.shape[1] - 1 + shift]
+    logp = logits.log_softmax(-1) if log else logits
+    picked = logp.gather(-1, targets.expand(logits.shape[0], -1, -1)[..., None])[..., 0]  # (N, K, L - 1)
+    real = targets != pad
+    total = (picked * real).sum(-1)
+    if reduce == "sum":
+        return total
+    if reduce == "all":
+        return picked.mean(-1)
+    n = {"targets": real.sum(-1), "padded": targets.shape[-1], "with start": (captions != pad).sum(-1)}[count]
+    return total / n
+
+
+def caption_scores_by_loss(logits, captions, pad):
+    """The same score with F.cross_entropy's ignore_index: minus the mean loss over the real targets."""
+    N, K, T, V = logits.shape
+    targets = captions[:, 1:].expand(N, -1, -1)
+    loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=pad, reduction="none")
+    return -loss.view(N, K, T).sum(-1) / (targets != pad).sum(-1)
+
+
+CAPTION_MUTANTS = {
+    "summed log-probabilities": lambda z, c, pad: caption_scores(z, c, pad, reduce="sum"),  # the chapter's score
+    "padding counted": lambda z, c, pad: caption_scores(z, c, pad, reduce="all"),
+    "divided by L - 1": lambda z, c, pad: caption_scores(z, c, pad, count="padded"),
+    "the start token counted": lambda z, c, pad: caption_scores(z, c, pad, count="with start"),
+    "targets not shifted": lambda z, c, pad: caption_scores(z, c, pad, shift=0),
+    "log_softmax missing": lambda z, c, pad: caption_scores(z, c, pad, log=False),
+    "one score per (image, caption)": lambda z, c, pad: caption_scores(z, c, pad)[0],
+}
+
+
+def test_caption_scores_reference_passes():
+    grading.check_caption_scores(caption_scores)
+    grading.check_caption_scores(caption_scores_by_loss)
+
+
+@pytest.mark.parametrize("diagnosis", CAPTION_MUTANTS)
+def test_caption_scores_mutants(diagnosis):
+    _fails_with(grading.check_caption_scores, CAPTION_MUTANTS[diagnosis], diagnosis)
+
+
+def test_caption_scores_fail_the_old_exercise():
+    """The old Exercise 6.3's answer (the causal mask the chapter shows) is not a scoring function at all."""
+    _fails_with(grading.check_caption_scores, lambda n: torch.ones(n, n, dtype=torch.bool).tril(), "your code raised")
+
+
 # --- All checks ----------------------------------------------------------------------------------------
 
 REFERENCES = {
     grading.check_conv_output_size: size_ok,
     grading.check_conv2d: conv2d_naive,
     grading.check_max_pool2d: max_pool2d,
-    grading.check_attention: attention,
-    grading.check_causal_mask: lambda n: torch.ones(n, n, dtype=torch.bool).tril(),
+    grading.check_alibi_attention: alibi,
     grading.check_positional_encoding: pe,
     grading.check_split_heads: lambda x, h: x.view(*x.shape[:2], h, -1).transpose(1, 2),
     grading.check_merge_heads: lambda x: x.transpose(1, 2).flatten(2),
     grading.check_batch_norm: bn,
     grading.check_label_smoothing: smooth,
-    grading.check_self_attention_2d: SAGAN,
+    grading.check_pooled_self_attention_2d: Pooled,
     grading.check_effective_positions: effective,
     grading.check_patchify: patchify,
     grading.check_patch_embedding_conv: to_conv,
     grading.check_encoder_block: Block,
-    grading.check_attention_rollout: rollout,
+    grading.check_mean_pool_rollout: mean_pool_rollout,
     grading.check_cosine_head: cosine,
     grading.check_prompt_ensemble: lambda e: F.normalize(F.normalize(e, dim=-1).mean(1), dim=-1),
+    grading.check_caption_scores: caption_scores,
 }
 
 
@@ -705,15 +816,29 @@ def test_checks_are_fast(check):
 def _sdpa_alias():
     from torch.nn.functional import scaled_dot_product_attention as sdpa  # bound before the check starts
 
-    return lambda q, k, v, mask=None: sdpa(q, k, v, attn_mask=mask)
+    return lambda q, k, v, s, mask=None: sdpa(
+        q,
+        k,
+        v,
+        attn_mask=distance_bias(s, q.shape[-2], k.shape[-2]).masked_fill(~mask, -math.inf)
+        if mask is not None
+        else distance_bias(s, q.shape[-2], k.shape[-2]),
+    )
 
 
 FORBIDDEN = {
-    "F.scaled_dot_product_attention": (grading.check_attention, F.scaled_dot_product_attention),
-    "F.scaled_dot_product_attention ": (grading.check_attention, _sdpa_alias()),
+    "F.scaled_dot_product_attention": (grading.check_alibi_attention, alibi_sdpa),
+    "F.scaled_dot_product_attention ": (grading.check_alibi_attention, _sdpa_alias()),
     "companion.attention.scaled_dot_product_attention": (
-        grading.check_attention,
-        lambda q, k, v, mask=None: scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        grading.check_alibi_attention,
+        lambda q, k, v, s, mask=None: scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            distance_bias(s, q.shape[-2], k.shape[-2]).masked_fill(~mask, -math.inf)
+            if mask is not None
+            else distance_bias(s, q.shape[-2], k.shape[-2]),
+        ),
     ),
     "F.conv2d": (grading.check_conv2d, F.conv2d),
     "companion.conv.conv2d_naive": (grading.check_conv2d, conv2d_naive),
@@ -724,12 +849,15 @@ FORBIDDEN = {
     "F.batch_norm": (grading.check_batch_norm, lambda x, w, b, eps=1e-5: F.batch_norm(x, None, None, w, b, True)),
     "F.cross_entropy": (grading.check_label_smoothing, lambda z, y, e: F.cross_entropy(z, y, label_smoothing=e)),
     "F.unfold": (grading.check_patchify, lambda x, p: F.unfold(x, p, stride=p).transpose(1, 2)),
-    "companion.attention.causal_mask": (
-        grading.check_causal_mask,
-        __import__("companion.attention").attention.causal_mask,
+    "companion.models.SelfAttention2d": (
+        grading.check_pooled_self_attention_2d,
+        type("Sub", (Pooled,), {"forward": lambda self, x: SelfAttention2d.forward(self, x)}),
     ),
     "companion.models.EncoderBlock": (grading.check_encoder_block, type("Sub", (EncoderBlock,), {})),
-    "companion.models.vit.attention_rollout": (grading.check_attention_rollout, attention_rollout),
+    "companion.models.vit.attention_rollout": (
+        grading.check_mean_pool_rollout,
+        lambda ws: attention_rollout(ws).mean(1),
+    ),
 }
 
 
@@ -740,7 +868,7 @@ def test_forbidden_call_fails_however_it_is_imported(name):
 
 
 def test_forbidden_calls_leave_allowed_code_alone():
-    grading.check_attention(attention)  # softmax and matmul: allowed
+    grading.check_alibi_attention(alibi)  # softmax and matmul: allowed
     grading.check_max_pool2d(lambda x, k, stride=None, padding=0: _unfold_pool(x, k, stride, padding))
     assert sys.getprofile() is None  # the watch ends with the check
     with pytest.raises(AssertionError):

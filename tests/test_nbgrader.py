@@ -98,10 +98,12 @@ def test_nbgrader_generates_and_autogrades_chapters_1_and_2(tmp_path):
         submit("solution", assignment, path, json.loads(path.read_text(encoding="utf-8")))
     wrong = json.loads(ch2.read_text(encoding="utf-8"))
     for cell in wrong["cells"]:
-        if "def my_attention(" in _src(cell):  # softmax over the queries: the classic mistake
+        if "def my_alibi_attention(" in _src(cell):  # softmax over the queries: the classic mistake
             cell["source"] = (
-                "def my_attention(q, k, v, attn_mask=None):\n"
-                "    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-2) @ v\n"
+                "def my_alibi_attention(q, k, v, slopes, attn_mask=None):\n"
+                "    i, j = torch.arange(q.shape[-2]), torch.arange(k.shape[-2])\n"
+                "    bias = -slopes[:, None, None] * (i[:, None] - j).abs()\n"
+                "    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias, dim=-2) @ v\n"
             )
         elif _src(cell).startswith("grading.check_split_heads"):  # an edited grader: nbgrader restores it
             cell["source"] = "pass"
