@@ -1,8 +1,8 @@
 """Architecture diagrams of the book's chapters, drawn with Matplotlib so that they are tested like the code.
 
-One function per diagram; each returns a ``matplotlib.figure.Figure`` about 8 inches wide (legible at a 700-pixel
-column) whose labels are text artists: ``tests/test_diagrams.py`` checks that the expected labels are present and
-that every label lies inside the figure.
+One function per diagram; each returns a ``matplotlib.figure.Figure`` as wide as the book's text column
+(``companion.viz.MAX_WIDTH``) whose labels are text artists: ``tests/test_diagrams.py`` checks that the expected
+labels are present and that every label lies inside the figure.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Rectangle
+
+from companion.viz import MAX_WIDTH
 
 __all__ = [
     "attention_diagram",
@@ -23,20 +25,20 @@ __all__ = [
     "vit_diagram",
 ]
 
-FONT = 10  # points; at 8 inches across a 700-pixel column this is about 12 pixels
+FONT = 9.5  # points: about 13 pixels tall in the book, where a figure is shown at 100 dpi
 COLOURS = {"data": "#dbe9f6", "layer": "#fde0c5", "attention": "#d9f0d3", "frozen": "#e5e5e5", "output": "#f6d5e5"}
 
 
-def _canvas(width: float, height: float, xlim: float, ylim: float) -> tuple[Figure, Axes]:
-    """A figure with one axis-free axes whose data coordinates run over [0, xlim] x [0, ylim]."""
-    fig, ax = plt.subplots(figsize=(width, height))
+def _canvas(xlim: float, ylim: float) -> tuple[Figure, Axes]:
+    """A column-wide figure with one axis-free axes whose data coordinates run over [0, xlim] x [0, ylim]."""
+    fig, ax = plt.subplots(figsize=(MAX_WIDTH, MAX_WIDTH * ylim / xlim))
     ax.set(xlim=(0, xlim), ylim=(0, ylim))
     ax.set_aspect("equal")
     ax.axis("off")
     return fig, ax
 
 
-def _box(ax: Axes, x: float, y: float, w: float, h: float, text: str, kind: str = "layer", size: int = FONT) -> None:
+def _box(ax: Axes, x: float, y: float, w: float, h: float, text: str, kind: str = "layer", size: float = FONT) -> None:
     """A rounded box with its lower-left corner at (x, y) and a centred label."""
     ax.add_patch(
         FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc=COLOURS[kind], ec="0.3", lw=1)
@@ -62,7 +64,7 @@ def _grid(ax: Axes, x: float, y: float, n_rows: int, n_cols: int, cell: float, *
 
 def sliding_window_diagram() -> Figure:
     """Chapter 1: a 3x3 kernel over a zero-padded 5x5 input with stride 2, channels in and out."""
-    fig, ax = _canvas(8, 3.6, 16, 7.2)
+    fig, ax = _canvas(16, 7.2)
     cell, x0, y0 = 0.8, 0.6, 0.9
     # the padded input: 7x7 cells, the border (padding) dashed
     for r in range(7):
@@ -116,7 +118,7 @@ def sliding_window_diagram() -> Figure:
 
 def attention_diagram(n: int = 4) -> Figure:
     """Chapter 2: tokens to queries, keys and values, the n x n weight matrix softmax(Q K^T / sqrt(d_k)), and V."""
-    fig, ax = _canvas(8, 4.4, 16, 8.8)
+    fig, ax = _canvas(16, 8.8)
     cell = 0.42
     tall = n * cell
     # the tokens X
@@ -168,7 +170,7 @@ def attention_diagram(n: int = 4) -> Figure:
 
 def cnn_stages_diagram(widths: tuple[int, int, int] = (32, 64, 128), stem_width: int = 24) -> Figure:
     """Chapter 3: FastCNN's whitening stem, three conv-pool stages and the global max pooling head."""
-    fig, ax = _canvas(8, 3.6, 16, 7.2)
+    fig, ax = _canvas(16, 7.2)
     sides = [32, 31, 15, 7, 3]
     steps = [
         ("image", f"3 x {sides[0]} x {sides[0]}", "data"),
@@ -195,7 +197,7 @@ def cnn_stages_diagram(widths: tuple[int, int, int] = (32, 64, 128), stem_width:
 
 def sagan_block_diagram() -> Figure:
     """Chapter 4: the SAGAN block, y = gamma * softmax(Q K^T) V + x, with the shapes of every tensor."""
-    fig, ax = _canvas(8, 4.4, 16, 8.8)
+    fig, ax = _canvas(16, 8.8)
     small = FONT - 1
     _box(ax, 0.2, 4.0, 2.0, 1.2, "x\nC x H x W", "data", size=small)
     rows = [("query: 1x1 conv", "N x C/8", 6.6), ("key: 1x1 conv", "N x C/8", 4.1), ("value: 1x1 conv", "N x C", 1.9)]
@@ -224,7 +226,7 @@ def sagan_block_diagram() -> Figure:
 
 def vit_diagram(grid: int = 3) -> Figure:
     """Chapter 5: patches -> tokens (+ class token, + positions) -> L encoder blocks -> class token -> head."""
-    fig, ax = _canvas(8, 3.6, 16, 7.2)
+    fig, ax = _canvas(16, 7.2)
     small, cell, middle = FONT - 1, 0.6, 3.8
     _grid(ax, 0.3, middle - grid * cell / 2, grid, grid, cell, fc=COLOURS["data"], ec="white", lw=2)
     ax.text(
@@ -266,7 +268,7 @@ def vit_diagram(grid: int = 3) -> Figure:
 
 def two_towers_diagram() -> Figure:
     """Chapter 6: the image tower (trained) and the text tower (frozen) meeting in cosine similarities."""
-    fig, ax = _canvas(8, 3.8, 16, 7.6)
+    fig, ax = _canvas(16, 7.6)
     small = FONT - 1
     _box(ax, 0.2, 4.6, 2.4, 1.2, "image\n3 x 32 x 32", "data", size=small)
     _box(ax, 3.3, 4.6, 3.0, 1.2, "FastCNN\n(trained)", "layer", size=small)
@@ -294,7 +296,7 @@ def contrastive_matrix_diagram(similarity: np.ndarray | None = None) -> Figure:
         rng = np.random.default_rng(0)
         similarity = np.clip(0.1 * rng.normal(size=(5, 5)) + 0.5 * np.eye(5) + 0.2, -1, 1)
     b = len(similarity)
-    fig, ax = plt.subplots(figsize=(8, 3.9))
+    fig, ax = plt.subplots(figsize=(MAX_WIDTH, 3.7))
     ax.imshow(similarity, cmap="Greens", vmin=-0.2, vmax=1)
     for i in range(b):
         for j in range(b):

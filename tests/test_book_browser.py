@@ -4,7 +4,9 @@ Every page is served from ``127.0.0.1`` with every other host blocked, and opene
 375 px (a phone). The checks: formulas rendered by MathJax (no raw TeX, no MathJax error), every image loaded and
 described by an alt text that is not a file name, every internal link and anchor present in the rendered page,
 no page wider than a phone's screen, no printed output line wrapped, no console error, no request to another
-host; at 375 px the menu (chapter list) and the "Contents" button open their panels and close them again.
+host; at 375 px the menu (chapter list) and the "Contents" button open their panels and close them again. Figures:
+at 1280 px none is scaled down (it fits the text column, so its text is shown at its drawn size), and in the dark
+theme each lies on a light, padded card whose colour contrasts with the page (measured on a screenshot).
 
 Run after a build, with Debian's ``chromium`` and the ``playwright`` package installed (``.ci/run`` does both)::
 
@@ -24,6 +26,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -57,6 +60,7 @@ class Page:
     math_errors: list[str] = field(default_factory=list)
     formulas: int = 0
     bad_images: list[str] = field(default_factory=list)
+    shrunk_figures: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
     page_width: int = 0
@@ -149,7 +153,8 @@ READ_PAGE = """() => {
   for (const img of document.querySelectorAll('article img, main img')) {
     const box = img.getBoundingClientRect();
     out.images.push({src: img.getAttribute('src'), alt: img.getAttribute('alt'),
-                     loaded: img.complete && img.naturalWidth > 0, shown: box.width, drawn: img.naturalWidth});
+                     figure: !!img.closest('div.cell_output'), loaded: img.complete && img.naturalWidth > 0,
+                     shown: box.width, drawn: img.naturalWidth});
   }
   for (const a of document.querySelectorAll('a[href]')) out.links.push(a.href);
   for (const el of document.querySelectorAll('[id]')) out.ids.push(el.id);
@@ -208,6 +213,8 @@ def rendered(root: Path, server: str, browser: tuple[object, list[str]]) -> list
                     shown.bad_images.append(f"{src}: no alt text")
                 elif IMAGE_FILE.search(alt) or alt == Path(unquote(src)).name:
                     shown.bad_images.append(f"{src}: alt text is a file name ({alt!r})")
+                if img["figure"] and img["loaded"] and img["shown"] < img["drawn"] - 1:
+                    shown.shrunk_figures.append(f"{src}: drawn {img['drawn']} px wide, shown at {img['shown']:.0f} px")
             shown.links = data["links"]
             shown.ids = set(data["ids"])
             shown.page_width = data["width"]
@@ -231,6 +238,12 @@ def test_formulas_are_rendered(rendered: list[Page]) -> None:
 
 def test_every_image_loads_with_a_description(rendered: list[Page]) -> None:
     problems = [f"{p.path} @{p.width}: {b}" for p in rendered for b in p.bad_images]
+    assert not problems, report(problems)
+
+
+def test_no_figure_is_shrunk_on_a_desktop(rendered: list[Page]) -> None:
+    """At 1280 px every figure fits the text column (companion.viz.MAX_WIDTH): shown at its drawn size, text and all."""
+    problems = [f"{p.path}: {f}" for p in rendered if p.width == 1280 for f in p.shrunk_figures]
     assert not problems, report(problems)
 
 
@@ -352,3 +365,62 @@ def test_desktop_menu_button_hides_and_shows_the_chapter_list(server: str, brows
     assert visible(page, sidebar), "the menu button did not show the chapter list again"
     page.close()
     assert not errors, errors
+
+
+def luminance(rgb: tuple[int, ...]) -> float:
+    """The relative luminance of an sRGB colour (0 black, 1 white), as WCAG defines it."""
+    linear = [c / 255 / 12.92 if c <= 10 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb[:3]]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def contrast(a: float, b: float) -> float:
+    """WCAG's contrast ratio of two luminances (1 to 21; 4.5 is the minimum for body text)."""
+    return (max(a, b) + 0.05) / (min(a, b) + 0.05)
+
+
+READ_FIGURES = """() => {
+  const colour = s => (s.match(/[\\d.]+/g) || []).slice(0, 3).map(Number);
+  const page = colour(getComputedStyle(document.body).backgroundColor);
+  return {theme: document.documentElement.dataset.theme, page,
+          figures: [...document.querySelectorAll('div.cell_output img')].map((img, i) => {
+            img.dataset.figureIndex = i;
+            const style = getComputedStyle(img);
+            return {src: img.getAttribute('src'), padding: Math.min(...['Top', 'Right', 'Bottom', 'Left'].map(
+              side => parseFloat(style['padding' + side])))};
+          })};
+}"""
+
+
+def test_figures_are_legible_in_the_dark_theme(root: Path, server: str, browser: tuple[object, list[str]]) -> None:
+    """In the dark theme every figure (drawn for a light page) lies on a light card with padding around it.
+
+    What is measured, on a screenshot of each figure as shown: its most common colour (the figure's background,
+    behind its text) is light, it contrasts with the dark page, and the card has padding, so that no label of the
+    figure touches the dark page.
+    """
+    image = pytest.importorskip("PIL.Image", reason="Pillow (a Matplotlib dependency) reads the screenshots")
+    context, _ = browser
+    problems, count = [], 0
+    for path in book_pages(root):
+        page = context.new_page()
+        page.add_init_script("localStorage.setItem('mode', 'dark'); localStorage.setItem('theme', 'dark');")
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.goto(f"{server}/{path}", wait_until="load")
+        data = page.evaluate(READ_FIGURES)
+        assert data["theme"] == "dark", f"{path}: the dark theme did not take ({data['theme']!r})"
+        page_luminance = luminance(tuple(int(c) for c in data["page"]))
+        assert page_luminance < 0.1, f"{path}: the page is not dark in the dark theme ({data['page']})"
+        for i, figure in enumerate(data["figures"]):
+            count += 1
+            shot = image.open(BytesIO(page.locator(f"img[data-figure-index='{i}']").screenshot())).convert("RGB")
+            shot = shot.quantize(colors=8, method=image.Quantize.MEDIANCUT).convert("RGB")
+            (_, background), *_ = sorted(shot.getcolors(), reverse=True)
+            light = luminance(background)
+            if light < 0.5 or contrast(light, page_luminance) < 4.5:
+                problems.append(f"{path}: {figure['src']} lies on {background} (luminance {light:.2f}) on the page")
+            if figure["padding"] < 4:
+                problems.append(f"{path}: {figure['src']} has {figure['padding']:.0f} px of card around it")
+        page.evaluate("localStorage.removeItem('mode'); localStorage.removeItem('theme')")
+        page.close()
+    assert count >= 30, f"only {count} figures in the book"
+    assert not problems, report(problems)

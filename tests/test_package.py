@@ -121,3 +121,33 @@ def test_the_check_catches_an_undeclared_import() -> None:
     assert set(found) == {"yaml", "PIL"}
     assert distribution_of("yaml") not in set().union(*declared().values())  # would be reported
     assert distribution_of("PIL") == "pillow" and "pillow" in declared()["core"]
+
+
+def test_every_extra_installs_from_the_built_metadata(tmp_path: Path) -> None:
+    """``pip install ".[all]"`` resolves offline here: the metadata setuptools builds declares every extra, and each
+    extra's requirements (the self-references ``[text]`` and ``[notebooks]`` included) are met by what is installed.
+
+    ``pip install --dry-run --no-index`` builds the package's metadata from a copy of the sources and resolves
+    against the installed distributions only: no download, nothing installed. What it tests is the extras' spelling
+    and resolution; that the index serves the same names is not tested here.
+    """
+    source = tmp_path / "src"
+    (source / "companion").mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).write_bytes((ROOT / name).read_bytes())
+    for path in (ROOT / "companion").rglob("*.py"):
+        (source / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+        (source / path.relative_to(ROOT)).write_bytes(path.read_bytes())
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation"]
+    command += ["--disable-pip-version-check", "--quiet", "--report", str(report), f"{source}[all]"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, f"pip could not resolve .[all] offline:\n{done.stderr[-2000:]}"
+    installs = json.loads(report.read_text())["install"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert [i["metadata"]["name"] for i in installs] == [project["name"]], "pip would install more than the package"
+    metadata = installs[0]["metadata"]
+    assert set(metadata["provides_extra"]) == set(project["optional-dependencies"])
+    for extra, requirements in project["optional-dependencies"].items():
+        in_metadata = {canonical(r.split(";")[0]) for r in metadata["requires_dist"] if f'extra == "{extra}"' in r}
+        assert in_metadata == {canonical(r) for r in requirements}, extra
