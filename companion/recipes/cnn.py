@@ -21,40 +21,55 @@ __all__ = ["CNN_RECIPE", "CNN_RECIPE_GPU", "CNNRecipe", "make_cnn", "train_cnn"]
 
 @dataclass(frozen=True)
 class CNNRecipe(Recipe):
-    """Everything that defines the fast CIFAR-10 CNN run: model size, data, optimiser and schedule."""
+    """Everything that defines the fast CIFAR-10 CNN run: model size, data, optimiser and schedule.
 
-    # SGD with Nesterov momentum 0.9, linear warm-up over 20% of the steps then linear decay to zero ("onecycle")
-    train: TrainConfig = TrainConfig(epochs=5, optimizer="sgd", lr=0.1, weight_decay=5e-4, label_smoothing=0.2)
-    widths: tuple[int, ...] = (32, 64, 128)
-    depth_per_stage: int = 2
+    The defaults are the CPU speed-run recipe (airbench's ingredients, Jordan 2024, at a CPU's budget). Evidence,
+    one seed each, full data, 2 torch threads, bfloat16 autocast, AMD EPYC (avx512_bf16), test accuracy with
+    flip + 1-pixel-shift TTA: 64/256/256 for 5 epochs 0.8848; the same with constant-decay lookahead from the start
+    0.8255 (batch 512), with airbench's ramped lookahead 0.8853 (no gain: off); translations of 4 pixels instead
+    of 2: 0.8779; 32/64/128 for 20 epochs in more time: 0.8832. The 3-seed figures are in README.
+    """
+
+    # SGD, Nesterov momentum 0.85, lr 0.375 per batch of 256 (airbench's 11.5 per 1024 images with its momentum
+    # scaling), linear warm-up over 23% of the steps, then linear decay to zero ("onecycle"); weight decay on the
+    # kernels only, 1.33e-3 (airbench's); BatchNorm shifts and biases learn 64x faster (airbench's bias scaler)
+    train: TrainConfig = TrainConfig(
+        epochs=5,
+        optimizer="sgd",
+        lr=0.375,
+        momentum=0.85,
+        weight_decay=1.33e-3,
+        warmup=0.23,
+        label_smoothing=0.2,
+        vector_lr_scale=64.0,
+    )
+    widths: tuple[int, ...] = (64, 256, 256)  # channels of the three stages
+    depth_per_stage: int = 2  # convolutions per stage
     batch_norm: bool = True
-    bn_scale: bool = True  # False: BatchNorm scales frozen at 1, only the shifts learn (airbench)
-    identity_init: bool = False  # start each conv as an identity on its first channels (airbench's dirac init)
+    bn_scale: bool = False  # BatchNorm scales frozen at 1, only the shifts learn (airbench)
+    identity_init: bool = True  # each conv starts as an identity on its first channels (airbench's dirac init)
     whiten: bool = True  # initialise the 2x2 stem as a PCA whitening of image patches (then frozen)
-    augment: bool = True  # random flips and 4-pixel translations
-    batch_size: int = 128  # on a CPU, small batches cost no more per image and give more steps per epoch
+    augment: bool = True  # random flips and translations ...
+    translate: int = 2  # ... by up to 2 pixels
+    batch_size: int = 256  # images per step
+    tta_translate: int = 1  # test-time augmentation: flips and 1-pixel shifts
     quick_epochs: int = 5  # quick mode: 2,000 training images for 5 epochs ...
     quick_batch_size: int | None = 64  # ... in smaller batches, for enough steps
 
 
-# The 5 epochs keep Chapter 3 under 10 minutes on a 2-core CPU; the measured runs of this recipe and of longer
-# ones are in README's "Measured figures" and Chapter 3's opening table.
+# Chapter 3 and `python -m companion train cnn` on a CPU; measured runs in README's "Measured figures" and Chapter 3.
 CNN_RECIPE = CNNRecipe()
-# The GPU recipe: airbench's ingredients (Jordan, 2024) in this package's code. `train_cnn` picks it on CUDA.
-# Not measured yet (no GPU has been lent to the book's development); the target is 94% (TTA allowed, mean of 3
-# seeds) in 10 s of training on one H100/H200.
-CNN_RECIPE_GPU = CNNRecipe(
-    # lr scaled linearly with the batch size from the CPU recipe's 0.1 at 128; BatchNorm shifts learn 4x faster;
-    # torch.compile on CUDA
-    train=TrainConfig(
-        epochs=16, optimizer="sgd", lr=0.8, weight_decay=5e-4, label_smoothing=0.2, vector_lr_scale=4.0, compile=True
-    ),
-    widths=(64, 256, 256),  # wider stages: nearly free on a GPU
-    bn_scale=False,  # BatchNorm without a learned scale
+# The GPU recipe: the same ingredients at airbench's scale, batch 1024 and twice the epochs, the average of the
+# weights as airbench's lookahead, compiled. Not measured yet (no GPU has been lent to the book's development);
+# the target is 94% (TTA allowed, mean of 3 seeds) in 10 s of training on one H100/H200.
+CNN_RECIPE_GPU = CNN_RECIPE.replace(
+    epochs=10,
+    lr=1.5,  # the CPU recipe's lr per image, at 4x the batch
+    compile=True,
     batch_size=1024,
-    ema_decay=0.8,  # lookahead: every 5 steps the weights move into the average and restart from it
+    ema_decay=0.77,  # lookahead: every 5 steps the weights move into the average and restart from it, ...
     lookahead_every=5,
-    tta_translate=1,  # flip + 1-pixel shift test-time augmentation
+    ema_ramp=3.0,  # ... with a decay growing as progress**3 (airbench)
 )
 
 
