@@ -35,7 +35,7 @@ class VitRecipe(Recipe):
     """Everything that defines a ViT run on CIFAR-10: model size, data, augmentation, optimiser, schedule."""
 
     # AdamW, linear warm-up over 10% of the steps then half-cosine decay to zero, gradient norm clipped at 1.
-    # 6 epochs: about 270 s of training on the book's 2-core CPU in bfloat16 (where native), the CPU budget of 300 s.
+    # 6 epochs: about 240 s of training on the book's idle 2-core CPU in bfloat16 (where native); budget 300 s.
     # Evidence (one seed, full data, bf16, flip-TTA): 7 epochs 0.6089 in 352 s; with mean pooling, shifted patch
     # tokens and locality self-attention, 6 epochs 0.6148 in 275 s (a lead to measure over seeds: not in yet).
     train: TrainConfig = TrainConfig(
