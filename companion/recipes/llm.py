@@ -29,6 +29,13 @@ class LLMRecipe(CNNRecipe):
     # Chapter 3's recipe uses lr 0.1 at this batch size; this chapter's runs are measured with 0.2. Three epochs:
     # three CNN trainings in Chapter 6, under 10 minutes on a 2-core CPU.
     train: TrainConfig = TrainConfig(epochs=3, optimizer="sgd", lr=0.2, weight_decay=5e-4, label_smoothing=0.2)
+    # the network and data of CNN_RECIPE_SMALL (Chapter 3's recipe until 2026-12-03), which this chapter measured
+    widths: tuple[int, ...] = (32, 64, 128)
+    bn_scale: bool = True
+    identity_init: bool = False
+    translate: int = 4
+    batch_size: int = 128
+    tta_translate: int = 0
     quick_epochs: int = 3  # quick mode: 2,000 images (Chapter 3's subset) for 3 epochs, fixed here for this chapter
     quick_batch_size: int | None = None  # the same batches in both modes
     text_model: str | None = None  # None: the bundled all-MiniLM-L6-v2
