@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,7 +197,7 @@ def test_two_process_quick_recipe_prints_one_result_line(tmp_path, monkeypatch):
     lines = [line for line in run.stdout.splitlines() if "test accuracy" in line]
     assert len(lines) == 1, run.stdout
     assert "(quick, 1 epochs, 2,000 training images)" in lines[0]
-    assert lines[0].endswith("| device cpu | torch threads 1 | 2 processes")
+    assert re.search(r"\| device cpu, (bfloat16 autocast|float32) \| torch threads 1 \| 2 processes$", lines[0])
 
 
 FAILING = """

@@ -184,7 +184,7 @@ def test_train_cnn_end_to_end(fake_cifar, capsys) -> None:
     save = tmp_path / "cnn.safetensors"
     result = train_cnn(quick=True, epochs=2, root=tmp_path, save=save, recipe=recipe, progress=False)
     line = capsys.readouterr().out
-    assert "test accuracy" in line and "flip-TTA" in line and "torch threads" in line
+    assert "test accuracy" in line and "flip+1px-shift TTA" in line and "torch threads" in line
     assert result.epochs == 2 and result.n_train == 40 and len(result.history.test_acc) == 2
     assert result.recipe.quick and result.recipe.batch_size == 16 and result.recipe.n_test == 20
     assert 0 <= result.test_acc <= 1 and 0 <= result.test_acc_tta <= 1 and result.train_seconds > 0

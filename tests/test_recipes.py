@@ -52,7 +52,8 @@ def test_train_result_and_its_record(fake_cifar, capsys) -> None:
     assert record["settings"]["batch_size"] == 16 and record["settings"]["widths"] == [8, 8, 8]
     assert record["test_acc"] == result.test_acc and record["n_train"] == 40 and record["epochs"] == 1
     assert {"test_acc_tta", "train_seconds", "device", "threads", "torch", "date"} <= set(record)
-    assert record["seed"] == 0 and record["params"] == result.params > 0 and record["settings"]["lr"] == 0.1
+    assert record["seed"] == 0 and record["params"] == result.params > 0
+    assert record["settings"]["lr"] == result.recipe.lr and record["precision"] == result.history.precision
     full = train_cnn(epochs=1, root=fake_cifar, recipe=recipe.replace(n_train=20, batch_size=8), verbose=False)
     assert full.record()["mode"] == "full" and full.n_train == 20 and full.recipe.batch_size == 8
 
