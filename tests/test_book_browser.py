@@ -213,7 +213,9 @@ def rendered(root: Path, server: str, browser: tuple[object, list[str]]) -> list
                     shown.bad_images.append(f"{src}: no alt text")
                 elif IMAGE_FILE.search(alt) or alt == Path(unquote(src)).name:
                     shown.bad_images.append(f"{src}: alt text is a file name ({alt!r})")
-                if img["figure"] and img["loaded"] and img["shown"] < img["drawn"] - 1:
+                # at 85% of its drawn width a figure's 9.5-pt labels stay at about 11 px (the issue's were ~6 px at
+                # under 60%); the dark theme's card padding alone takes 16 px of the 704-px column at 1280 px
+                if img["figure"] and img["loaded"] and img["shown"] < 0.85 * img["drawn"]:
                     shown.shrunk_figures.append(f"{src}: drawn {img['drawn']} px wide, shown at {img['shown']:.0f} px")
             shown.links = data["links"]
             shown.ids = set(data["ids"])
@@ -242,7 +244,7 @@ def test_every_image_loads_with_a_description(rendered: list[Page]) -> None:
 
 
 def test_no_figure_is_shrunk_on_a_desktop(rendered: list[Page]) -> None:
-    """At 1280 px every figure fits the text column (companion.viz.MAX_WIDTH): shown at its drawn size, text and all."""
+    """At 1280 px every figure fits the text column (companion.viz.MAX_WIDTH): shown at >= 85% of its drawn size."""
     problems = [f"{p.path}: {f}" for p in rendered if p.width == 1280 for f in p.shrunk_figures]
     assert not problems, report(problems)
 
@@ -394,9 +396,9 @@ READ_FIGURES = """() => {
 def test_figures_are_legible_in_the_dark_theme(root: Path, server: str, browser: tuple[object, list[str]]) -> None:
     """In the dark theme every figure (drawn for a light page) lies on a light card with padding around it.
 
-    What is measured, on a screenshot of each figure as shown: its most common colour (the figure's background,
-    behind its text) is light, it contrasts with the dark page, and the card has padding, so that no label of the
-    figure touches the dark page.
+    What is measured, on a screenshot of each figure as shown: the colour of the card around it (the most common
+    colour one pixel inside its edge, in the padding; a heatmap may fill the figure itself with a dark colour) is
+    light and contrasts with the dark page, and the card has padding, so that no label touches the dark page.
     """
     image = pytest.importorskip("PIL.Image", reason="Pillow (a Matplotlib dependency) reads the screenshots")
     context, _ = browser
@@ -413,8 +415,10 @@ def test_figures_are_legible_in_the_dark_theme(root: Path, server: str, browser:
         for i, figure in enumerate(data["figures"]):
             count += 1
             shot = image.open(BytesIO(page.locator(f"img[data-figure-index='{i}']").screenshot())).convert("RGB")
-            shot = shot.quantize(colors=8, method=image.Quantize.MEDIANCUT).convert("RGB")
-            (_, background), *_ = sorted(shot.getcolors(), reverse=True)
+            w, h = shot.size
+            edge = [shot.getpixel((x, y)) for x in range(1, w - 1, 5) for y in (1, h - 2)]
+            edge += [shot.getpixel((x, y)) for y in range(1, h - 1, 5) for x in (1, w - 2)]
+            background = max(set(edge), key=edge.count)
             light = luminance(background)
             if light < 0.5 or contrast(light, page_luminance) < 4.5:
                 problems.append(f"{path}: {figure['src']} lies on {background} (luminance {light:.2f}) on the page")
