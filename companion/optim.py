@@ -1,6 +1,6 @@
 """Optimisers for ``fit``: which parameters get weight decay (and at which learning rate), the optimiser a
-``TrainConfig`` asks for, and an exponential moving average of the weights with airbench's "lookahead" reset
-(a ``fit`` callback)."""
+``TrainConfig`` asks for (SGD, AdamW, or Muon for convolution kernels), and an exponential moving average of the
+weights with airbench's "lookahead" reset (a ``fit`` callback)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from companion.callbacks import Callback
 if TYPE_CHECKING:
     from companion.train import FitState, TrainConfig
 
-__all__ = ["EMA", "make_optimizer", "param_groups"]
+__all__ = ["EMA", "Muon", "make_optimizer", "orthogonalize", "param_groups"]
 
 
 def param_groups(
@@ -56,18 +56,87 @@ def param_groups(
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimiser ``config`` asks for: SGD with Nesterov momentum or AdamW, over ``param_groups``.
+    """The optimiser ``config`` asks for: SGD with Nesterov momentum, AdamW or Muon, over ``param_groups``.
 
     With ``config.decay_embeddings=False`` the parameters the model names in ``no_weight_decay()`` (timm's
     convention, e.g. the ViT's class token and position embedding) get no weight decay; ``config.vector_lr_scale``
-    multiplies the learning rate of biases and norm parameters.
+    multiplies the learning rate of biases and norm parameters. ``"muon"`` moves the convolution kernels (4-D)
+    into a group of their own with ``config.muon_lr`` and ``config.muon_momentum``, no weight decay, orthogonalised
+    steps; the rest take ``"sgd"``'s steps, as in airbench94_muon.
     """
     no_decay = () if config.decay_embeddings else tuple(getattr(model, "no_weight_decay", lambda: ())())
     vector_lr = config.lr * config.vector_lr_scale if config.vector_lr_scale != 1.0 else None
     groups = param_groups(model, config.weight_decay, no_decay, vector_lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    if config.optimizer == "muon":
+        kernels = [p for p in groups[0]["params"] if p.ndim == 4]
+        groups[0]["params"] = [p for p in groups[0]["params"] if p.ndim != 4]  # group 0 keeps config.lr
+        groups.append(
+            {"params": kernels, "lr": config.muon_lr, "momentum": config.muon_momentum, "orthogonalize": True}
+        )
+        return Muon(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+
+
+def orthogonalize(update: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """Roughly ``U @ V.T`` for ``update = U S V.T`` (2-D): every singular value moved into about [0.5, 1.5].
+
+    Muon's quintic Newton-Schulz iteration (Jordan et al., 2024), in bfloat16: each step maps every singular
+    value s to a s + b s^3 + c s^5, coefficients chosen to pull small values up fast rather than to converge.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.bfloat16()
+    x = x / (x.norm() + 1e-7)  # the largest singular value <= 1
+    wide = x.shape[0] <= x.shape[1]
+    x = x if wide else x.T  # (rows <= columns): the Gram matrix x @ x.T is the smaller one
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.T).to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose step for a weight is orthogonalised: Muon (Jordan et al., 2024).
+
+    In a group with ``orthogonalize=True`` (convolution kernels, viewed as (out, in * k * k)) the Nesterov
+    momentum of the gradient goes through ``orthogonalize`` before the step, so every direction of the update
+    moves by about ``lr``, however small its gradient; the other groups take plain Nesterov SGD steps with
+    ``weight_decay`` (the same step as ``torch.optim.SGD(..., nesterov=True)``).
+    """
+
+    def __init__(
+        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, orthogonalize: bool = False
+    ) -> None:
+        if not lr > 0 or not 0 <= momentum < 1 or not weight_decay >= 0:
+            raise ValueError(
+                f"Muon needs lr > 0, momentum in [0, 1), weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
+            )
+        super().__init__(
+            params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": orthogonalize}
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:  # noqa: ANN001 (torch's signature)
+        """One step for every parameter with a gradient."""
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"] and not group["orthogonalize"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = grad.clone()  # as torch.optim.SGD: the first buffer is the gradient
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                update = grad.add(state["momentum_buffer"], alpha=group["momentum"])  # Nesterov
+                if group["orthogonalize"]:
+                    update = orthogonalize(update.flatten(1)).view_as(p)  # (out, in*k*k) -> back to p's shape
+                p.add_(update, alpha=-group["lr"])
 
 
 class EMA(Callback):

@@ -56,8 +56,8 @@ class TrainConfig:
     """
 
     epochs: int = 10
-    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
-    lr: float | None = None  # None: 0.05 for SGD, 1e-3 for AdamW
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum), "adamw", or "muon" (Muon for kernels, SGD for the rest)
+    lr: float | None = None  # None: 0.05 for SGD (and Muon's SGD part), 1e-3 for AdamW
     momentum: float = 0.9  # SGD's momentum (Nesterov); 0: plain SGD
     weight_decay: float = 5e-4  # on weight matrices and kernels only (companion.optim.param_groups)
     schedule: str = "onecycle"  # linear warm-up, then linear ("onecycle") or half-cosine ("cosine") decay to 0
@@ -69,14 +69,25 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training on CUDA (ignored on other devices)
     sync_batch_norm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
     vector_lr_scale: float = 1.0  # learning-rate multiplier for biases and norm parameters (airbench)
+    muon_lr: float = 0.24  # with optimizer="muon": the kernels' step size (their updates are orthogonalised) ...
+    muon_momentum: float = 0.6  # ... and their Nesterov momentum (airbench94_muon's values)
     decay_embeddings: bool = True  # False: no weight decay for what model.no_weight_decay() names (timm)
     progress: bool = True  # a progress bar (on rank 0 only under torchrun)
 
     def __post_init__(self) -> None:
         _check_config(self)
         if self.lr is None:  # the optimiser's usual starting point
-            object.__setattr__(self, "lr", 0.05 if self.optimizer == "sgd" else 1e-3)
-        for name in ("lr", "momentum", "weight_decay", "warmup", "label_smoothing", "vector_lr_scale"):
+            object.__setattr__(self, "lr", 1e-3 if self.optimizer == "adamw" else 0.05)
+        for name in (
+            "lr",
+            "momentum",
+            "weight_decay",
+            "warmup",
+            "label_smoothing",
+            "vector_lr_scale",
+            "muon_lr",
+            "muon_momentum",
+        ):
             object.__setattr__(self, name, float(getattr(self, name)))  # numpy floats become plain (JSON-able)
         if self.grad_clip is not None:
             object.__setattr__(self, "grad_clip", float(self.grad_clip))
@@ -90,7 +101,7 @@ def _check_config(c: TrainConfig) -> None:
 
     problems = [
         (not isinstance(c.epochs, int) or isinstance(c.epochs, bool) or c.epochs < 1, "epochs", "a whole number >= 1"),
-        (c.optimizer not in {"sgd", "adamw"}, "optimizer", "'sgd' or 'adamw'"),
+        (c.optimizer not in {"sgd", "adamw", "muon"}, "optimizer", "'sgd', 'adamw' or 'muon'"),
         (c.lr is not None and not (real(c.lr) and c.lr > 0), "lr", "a positive finite number, or None"),
         (not (real(c.momentum) and 0 <= c.momentum < 1), "momentum", "a number in [0, 1)"),
         (not (real(c.weight_decay) and c.weight_decay >= 0), "weight_decay", "a finite number >= 0"),
@@ -105,6 +116,8 @@ def _check_config(c: TrainConfig) -> None:
         (not isinstance(c.ignore_index, int) or isinstance(c.ignore_index, bool), "ignore_index", "a whole number"),
         (c.precision not in {"auto", "bf16", "fp32"}, "precision", "'auto', 'bf16' or 'fp32'"),
         (not (real(c.vector_lr_scale) and c.vector_lr_scale > 0), "vector_lr_scale", "a positive finite number"),
+        (not (real(c.muon_lr) and c.muon_lr > 0), "muon_lr", "a positive finite number"),
+        (not (real(c.muon_momentum) and 0 < c.muon_momentum < 1), "muon_momentum", "a number in (0, 1)"),
     ]
     for flag in ("compile", "sync_batch_norm", "decay_embeddings", "progress"):
         problems.append((not isinstance(getattr(c, flag), bool), flag, "True or False"))

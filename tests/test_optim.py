@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from companion.models import FastCNN, ViT
-from companion.optim import EMA, make_optimizer, param_groups
+from companion.optim import EMA, Muon, make_optimizer, orthogonalize, param_groups
 from companion.train import TrainConfig
 
 
@@ -141,3 +143,61 @@ def test_ema_ramp_grows_the_decay_with_training_progress(epoch: int, step: int) 
     ema.on_step_end(state)
     decay = 0.8 * ((epoch * 4 + step) / 16) ** 3
     torch.testing.assert_close(ema.module[0].weight, decay * start + (1 - decay) * (start + 1))
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (16, 72), (72, 16), (64, 576), (10, 256)])
+def test_orthogonalize_moves_every_singular_value_near_one(shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    k = min(shape)
+    u = torch.linalg.qr(torch.randn(shape[0], k, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(shape[1], k, generator=g))[0]
+    update = u @ torch.diag(torch.logspace(-1.5, 0, k)) @ v.T  # singular values from 0.03 to 1
+    got = torch.linalg.svdvals(orthogonalize(update, steps=5).float())
+    assert got.min() > 0.3 and got.max() < 1.3, got  # Muon's iteration lands in about [0.5, 1.5], not exactly 1
+    u, _, vh = torch.linalg.svd(update, full_matrices=False)
+    cosine = torch.nn.functional.cosine_similarity(orthogonalize(update, 5).float().flatten(), (u @ vh).flatten(), 0)
+    assert cosine > 0.95  # the direction is U V^T's
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_muon_without_orthogonalising_is_pytorchs_nesterov_sgd(seed: int) -> None:
+    torch.manual_seed(seed)
+    lr, momentum, wd = [0.01, 0.1, 0.5][seed % 3], [0.0, 0.6, 0.9][seed % 3], [0.0, 1e-3, 0.05][seed % 3]
+    a = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    b = copy.deepcopy(a)
+    ours = Muon(a.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+    theirs = torch.optim.SGD(b.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=momentum > 0)
+    for _ in range(5):
+        x = torch.randn(11, 5)
+        for model, opt in ((a, ours), (b, theirs)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_muon_orthogonalises_only_the_kernels_and_fit_trains_with_it() -> None:
+    torch.manual_seed(0)
+    model = FastCNN(widths=(8, 16), stem_width=6)
+    config = TrainConfig(optimizer="muon", lr=0.1, muon_lr=0.05, weight_decay=1e-3, vector_lr_scale=4.0)
+    opt = make_optimizer(model, config)
+    assert isinstance(opt, Muon) and opt.param_groups[0]["lr"] == 0.1  # group 0 (the head) keeps config.lr
+    kernels = {id(p) for p in model.parameters() if p.ndim == 4}
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert (ids <= kernels) == group["orthogonalize"] and (ids & kernels == set() or ids <= kernels)
+    kernel_group = next(g for g in opt.param_groups if g["orthogonalize"])
+    assert (
+        kernel_group["lr"] == 0.05 and kernel_group["momentum"] == 0.6 and len(kernel_group["params"]) == len(kernels)
+    )
+    conv = model.stages[0].convs[1].weight
+    before = conv.detach().clone()
+    model(torch.randn(4, 3, 16, 16)).logsumexp(1).mean().backward()
+    opt.step()
+    step = (conv.detach() - before).flatten(1)  # one orthogonalised step of size lr: singular values near 0.05
+    assert 0.015 < torch.linalg.svdvals(step).min() and torch.linalg.svdvals(step).max() < 0.075
+    with pytest.raises(ValueError, match="muon_lr must be a positive"):
+        TrainConfig(optimizer="muon", muon_lr=0.0)
+    with pytest.raises(ValueError, match="muon_momentum must be a number in"):
+        TrainConfig(optimizer="muon", muon_momentum=1.0)
