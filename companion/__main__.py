@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="print speed figures (benchmarks, not tests)")
-    bench.add_argument("what", choices=["conv", "attention", "text"])
+    bench.add_argument("what", choices=["conv", "attention", "text", "step"])
     bench.add_argument(
         "--device", default=None, help="cpu, cuda or mps (default: the best available; cpu for the text encoder)"
     )
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ablate.add_argument("--epochs", type=positive_int, default=None, help="override the recipe's number of epochs")
     ablate.add_argument("--data", default=None, help="data root (default: $COMPANION_DATA or the user cache)")
     ablate.add_argument("--only", default=None, help="comma-separated ingredient names (default: all)")
+    ablate.add_argument("--n-train", type=positive_int, default=None, help="train on this many images (default: all)")
+    ablate.add_argument("--n-test", type=positive_int, default=None, help="test on this many images (default: all)")
     ablate.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None, help=precision_help)
 
     exercises.add_parser(sub)
@@ -118,9 +120,11 @@ def _ablate(args: argparse.Namespace) -> int:
         print(f"python -m companion ablate: error: unknown ingredients {only}; choose from: {known}", file=sys.stderr)
         return 2
     quick_mode = args.quick or quick()
-    rows = ablate(args.what, args.seeds, quick_mode, args.epochs, only, root=args.data)
+    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
+    rows = ablate(args.what, args.seeds, quick_mode, args.epochs, only, root=args.data, **sizes)
     mode = "quick" if quick_mode else "full"
-    print(f"Ablation of the {args.what} recipe, {mode} mode, {args.seeds} seeds (accuracy with the recipe's TTA)")
+    scale = "".join(f", {v:,} {k[2:]} images" for k, v in sizes.items())
+    print(f"Ablation of the {args.what} recipe, {mode} mode{scale}, {args.seeds} seeds (accuracy with its TTA)")
     print(format_ablation(rows))
     dev = device()
     print(f"device {dev}, {precision_name(dev)} | torch {torch.__version__}, {torch.get_num_threads()} CPU threads")

@@ -187,3 +187,63 @@ def bench_text(device: str | None = None, name: str | None = None, repeats: int 
         f"over {repeats} runs"
     )
     return seconds
+
+
+def bench_step(
+    device: str | None = None,
+    models: tuple[str, ...] = ("cnn", "vit"),
+    batch_sizes: tuple[int, ...] = (64, 128, 256, 512),
+    steps: int = 5,
+) -> list[dict]:
+    """Print (and return) the time of one training step of the recipes' models per batch size and precision.
+
+    A step is what ``fit`` does per batch: forward under the precision's autocast, label-smoothed cross-entropy,
+    backward, the recipe's optimiser step. Random images, ``steps`` timed steps after two untimed ones.
+    """
+    import time
+
+    import torch.nn.functional as F
+
+    from companion.optim import make_optimizer
+    from companion.recipes.cnn import CNN_RECIPE, make_cnn
+    from companion.recipes.vit import VIT_RECIPE, make_vit
+    from companion.runtime import autocast_dtype, seed_everything
+    from companion.runtime import device as best_device
+
+    dev = _device(device, best_device())
+    precisions = ["fp32"] + (["bf16"] if autocast_dtype(dev, "bf16") is not None else [])
+    print(f"device: {dev} ({_device_name(dev)}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"one training step (forward, loss, backward, optimiser step), median of {steps} after 2 warm-up steps")
+    print(f"{'model':>22} {'batch':>6} {'precision':>9} {'ms/step':>9} {'images/s':>9}")
+    rows = []
+    for name in models:
+        seed_everything(0)
+        recipe = {"cnn": CNN_RECIPE, "vit": VIT_RECIPE}[name]
+        if name == "cnn":
+            model = make_cnn(recipe, torch.randn(256, 3, 32, 32)).to(dev)
+            title = f"FastCNN{recipe.widths}"
+        else:
+            model = make_vit(recipe).to(dev)
+            title = f"ViT dim {recipe.dim} depth {recipe.depth}"
+        optimizer = make_optimizer(model, recipe.train)
+        for batch in batch_sizes:
+            x = torch.randn(batch, 3, 32, 32, device=dev)
+            y = torch.randint(0, 10, (batch,), device=dev)
+            for precision in precisions:
+                dtype = autocast_dtype(dev, precision)
+                times = []
+                for i in range(steps + 2):
+                    start = time.perf_counter()
+                    with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                        loss = F.cross_entropy(model(x).float(), y, label_smoothing=recipe.label_smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    if i >= 2:
+                        times.append(time.perf_counter() - start)
+                ms = 1e3 * sorted(times)[len(times) // 2]
+                rows.append({"model": title, "batch": batch, "precision": precision, "ms": ms})
+                print(f"{title:>22} {batch:>6} {precision:>9} {ms:>9.1f} {batch / ms * 1e3:>9.0f}")
+    return rows
