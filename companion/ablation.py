@@ -32,7 +32,8 @@ INGREDIENTS: dict[str, dict[str, dict[str, Any]]] = {
         "no identity init": {"identity_init": False},
         "BatchNorm with a learned scale": {"bn_scale": True},
         "same lr for shifts and biases": {"vector_lr_scale": 1.0},
-        "no warm-up and decay (constant lr)": {"schedule": "constant", "warmup": 0.0},
+        "no decay (constant lr)": {"schedule": "constant"},
+        "SGD, not Muon, for the kernels": {"optimizer": "sgd", "lr": 0.375, "weight_decay": 1.33e-3, "warmup": 0.23},
         "flip-only TTA": {"tta_translate": 0},
         "+ ramped lookahead, every 5 steps (GPU)": {"ema_decay": 0.77, "lookahead_every": 5, "ema_ramp": 3.0},
     },
@@ -99,13 +100,16 @@ def ablate(
     epochs: int | None = None,
     only: Sequence[str] | None = None,
     recipe: Recipe | None = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
     **options: Any,
 ) -> list[Variant]:
     """Train ``what``'s recipe ('cnn' or 'vit') as it is and with each ingredient changed, for seeds 0..seeds-1.
 
     ``only`` restricts the ingredients to those names (see ``INGREDIENTS``); ``recipe`` replaces the chapter's
-    recipe; ``options`` go to the recipe's ``train_*`` function (e.g. ``root``). The first row is the recipe as
-    it is. Nothing is printed per run and no records are written.
+    recipe; ``n_train`` and ``n_test``, if given, replace the mode's data sizes; ``options`` go to the recipe's
+    ``train_*`` function (e.g. ``root``). The first row is the recipe as it is. Nothing is printed per run and no
+    records are written.
     """
     if what not in RECIPES:
         raise ValueError(f"what must be one of {sorted(RECIPES)}, got {what!r}")
@@ -113,6 +117,8 @@ def ablate(
         raise ValueError(f"seeds must be a whole number >= 1, got {seeds!r}")
     base_recipe, train = RECIPES[what]
     recipe = (recipe or base_recipe).for_mode(quick, epochs)
+    sizes = {k: v for k, v in (("n_train", n_train), ("n_test", n_test)) if v is not None}
+    recipe = recipe.replace(**sizes) if sizes else recipe
     ingredients = INGREDIENTS[what]
     unknown = sorted(set(only or ()) - set(ingredients))
     if unknown:

@@ -54,3 +54,18 @@ def test_the_verdict_compares_the_difference_with_two_standard_errors() -> None:
 def test_the_command_refuses_an_unknown_ingredient(capsys) -> None:
     assert main(["ablate", "cnn", "--only", "no such thing"]) == 2
     assert "unknown ingredients" in capsys.readouterr().err
+
+
+def test_the_command_trains_at_the_sizes_it_is_given(fake_cifar: Path, capsys, monkeypatch) -> None:
+    trained = []
+    real = ablate.__globals__["RECIPES"]["cnn"]
+
+    def spy(recipe: Recipe, **options):  # the recipe's train function, noting the sizes it was asked for
+        trained.append((recipe.n_train, recipe.n_test, recipe.epochs))
+        return real[1](recipe=recipe.replace(widths=(8, 8, 8)), **options)
+
+    monkeypatch.setitem(ablate.__globals__["RECIPES"], "cnn", (real[0], spy))
+    argv = ["ablate", "cnn", "--quick", "--seeds", "1", "--epochs", "1", "--only", "no label smoothing"]
+    assert main([*argv, "--n-train", "30", "--n-test", "20", "--data", str(fake_cifar)]) == 0
+    assert trained == [(30, 20, 1), (30, 20, 1)]
+    assert "30 train images, 20 test images, 1 seeds" in capsys.readouterr().out
