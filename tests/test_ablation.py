@@ -19,6 +19,7 @@ TINY = CNN_RECIPE.replace(widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, q
 @pytest.mark.parametrize(("what", "recipe"), [("cnn", CNN_RECIPE), ("vit", VIT_RECIPE)])
 def test_every_ingredient_is_a_real_change_of_the_recipe(what: str, recipe: Recipe) -> None:
     for name, changes in INGREDIENTS[what].items():
+        assert "," not in name, f"{name!r}: --only splits its list at commas"
         changed = recipe.replace(**changes).settings()
         assert any(changed[k] != recipe.settings()[k] for k in changes), f"{name} changes nothing"
 
