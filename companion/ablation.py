@@ -33,7 +33,12 @@ INGREDIENTS: dict[str, dict[str, dict[str, Any]]] = {
         "BatchNorm with a learned scale": {"bn_scale": True},
         "same lr for shifts and biases": {"vector_lr_scale": 1.0},
         "no decay (constant lr)": {"schedule": "constant"},
-        "SGD instead of Muon for the kernels": {"optimizer": "sgd", "lr": 0.375, "weight_decay": 1.33e-3, "warmup": 0.23},
+        "SGD instead of Muon for the kernels": {
+            "optimizer": "sgd",
+            "lr": 0.375,
+            "weight_decay": 1.33e-3,
+            "warmup": 0.23,
+        },
         "flip-only TTA": {"tta_translate": 0},
         "+ ramped lookahead every 5 steps (GPU)": {"ema_decay": 0.77, "lookahead_every": 5, "ema_ramp": 3.0},
     },
