@@ -277,7 +277,7 @@ def test_every_recipe_runs_quick_through_the_cli_on_cuda(what: str, cifar10: Non
     assert out.startswith(gpu_recipe), out  # on CUDA, train cnn and train vit pick their GPU recipes
 
 
-@pytest.mark.parametrize("what", ["conv", "attention"])
+@pytest.mark.parametrize("what", ["conv", "attention", "step"])
 def test_bench_commands_run_on_cuda(what: str) -> None:
     out = run_cli("bench", what, "--device", "cuda")
     assert "device: cuda" in out, out

@@ -149,3 +149,14 @@ def test_whitening_batch_is_a_seeded_sample_of_every_class() -> None:
     assert torch.equal(whitening_batch(train, n=100), batch)  # seeded: the same sample again
     assert not torch.equal(whitening_batch(train, n=100, seed=1), batch)
     assert whitening_batch(train, n=5_000).shape[0] == 1_000  # at most the whole set
+
+
+def test_bench_step_times_every_model_batch_and_precision(capsys, monkeypatch) -> None:
+    from companion import bench, runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16", lambda: True)  # both precisions, whatever this CPU has
+    rows = bench.bench_step(device="cpu", models=("cnn", "vit"), batch_sizes=(2, 3), steps=1)
+    assert [(r["batch"], r["precision"]) for r in rows[:4]] == [(2, "fp32"), (2, "bf16"), (3, "fp32"), (3, "bf16")]
+    assert len(rows) == 8 and all(r["ms"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "FastCNN(64, 256, 256)" in out and "ViT dim 96 depth 4" in out and "images/s" in out
