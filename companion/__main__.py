@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     ablate.add_argument("--n-test", type=positive_int, default=None, help="test on this many images (default: all)")
     ablate.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None, help=precision_help)
 
+    compare = sub.add_parser("compare", help="train the models a chapter compares, over seeds: means and a verdict")
+    compare.add_argument("what", choices=["vit-vs-cnn", "text-vs-linear-head"])
+    compare.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 for every model (default 3)")
+    compare.add_argument("--quick", action="store_true", help="small subset and few epochs (also COMPANION_QUICK=1)")
+    compare.add_argument("--data", default=None, help="data root (default: $COMPANION_DATA or the user cache)")
+    compare.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None, help=precision_help)
+
     exercises.add_parser(sub)
 
     args = parser.parse_args(argv)
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return exercises.main(args)
     if args.command == "ablate":
         return _ablate(args)
+    if args.command == "compare":
+        return _compare(args)
     if args.command == "bench":
         from companion import bench as benchmarks
 
@@ -125,6 +134,22 @@ def _ablate(args: argparse.Namespace) -> int:
     mode = "quick" if quick_mode else "full"
     scale = "".join(f", {v:,} {k[2:]} images" for k, v in sizes.items())
     print(f"Ablation of the {args.what} recipe, {mode} mode{scale}, {args.seeds} seeds (accuracy with its TTA)")
+    print(format_ablation(rows))
+    dev = device()
+    print(f"device {dev}, {precision_name(dev)} | torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """``compare vit-vs-cnn|text-vs-linear-head``: a chapter's models over seeds; a table of means and the verdict."""
+    import torch
+
+    from companion.ablation import compare, format_ablation
+
+    quick_mode = args.quick or quick()
+    rows = compare(args.what, args.seeds, quick_mode, root=args.data)
+    mode = "quick" if quick_mode else "full"
+    print(f"Comparison {args.what}, {mode} mode, {args.seeds} seeds (accuracy with each recipe's TTA)")
     print(format_ablation(rows))
     dev = device()
     print(f"device {dev}, {precision_name(dev)} | torch {torch.__version__}, {torch.get_num_threads()} CPU threads")

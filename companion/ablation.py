@@ -1,10 +1,11 @@
-"""What each ingredient of a recipe buys: train the recipe with one ingredient changed at a time, over seeds.
+"""What each ingredient of a recipe buys, and which of two models is better: trainings over seeds, with verdicts.
 
 ``python -m companion ablate cnn --seeds 3`` trains the CNN recipe as it is and once per ingredient with that
 ingredient switched off (or, for an ingredient only the GPU recipe uses, switched on at CPU scale), each with
 seeds 0, 1, 2, and prints one row per variant: accuracy mean and standard deviation over the seeds, training
 time, the difference from the full recipe, and whether that difference is larger than the noise (more than
-two standard errors of the difference). Benchmarks print figures; they are not tests.
+two standard errors of the difference). ``python -m companion compare vit-vs-cnn --seeds 3`` does the same for the
+models a chapter compares (``COMPARISONS``). Benchmarks print figures; they are not tests.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -21,7 +23,7 @@ from companion.recipes.cnn import CNN_RECIPE, train_cnn
 from companion.recipes.common import Recipe, RunResult
 from companion.recipes.vit import VIT_RECIPE, train_vit
 
-__all__ = ["INGREDIENTS", "Variant", "ablate", "format_ablation"]
+__all__ = ["COMPARISONS", "INGREDIENTS", "Variant", "ablate", "compare", "format_ablation"]
 
 # Each ingredient: the change that removes it from the CPU recipe ("off"), or adds a GPU recipe's ingredient ("on").
 INGREDIENTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -59,6 +61,32 @@ INGREDIENTS: dict[str, dict[str, dict[str, Any]]] = {
 RECIPES: dict[str, tuple[Recipe, Callable[..., RunResult]]] = {
     "cnn": (CNN_RECIPE, train_cnn),
     "vit": (VIT_RECIPE, train_vit),
+}
+
+
+def _text_head(**options: Any) -> RunResult:
+    from companion.recipes.llm import train_llm  # the text encoder's packages load only when asked for
+
+    return train_llm(**options)
+
+
+def _linear_head(**options: Any) -> RunResult:
+    from companion.recipes.llm import train_linear_baseline
+
+    return train_linear_baseline(**options)
+
+
+# Each comparison a chapter draws a conclusion from, as the chapter trains it: (row name, training function); the
+# first row is the reference. Each function takes ``quick``, ``seed`` and ``run``'s options and returns a RunResult.
+COMPARISONS: dict[str, tuple[tuple[str, Callable[..., RunResult]], ...]] = {
+    "vit-vs-cnn": (  # Chapter 5: the ViT's CPU recipe against Chapter 3's CNN recipe cut to 2 epochs
+        ("FastCNN, Chapter 3's recipe for 2 epochs", partial(train_cnn, epochs=2)),
+        ("ViT, the CPU recipe", train_vit),
+    ),
+    "text-vs-linear-head": (  # Chapter 6: approach 1 against the same CNN with a linear head
+        ("FastCNN + linear head", _linear_head),
+        ("FastCNN + cosine head over text embeddings", _text_head),
+    ),
 }
 
 
@@ -142,12 +170,34 @@ def ablate(
     return [Variant(name, changes, *map(tuple, zip(*results[name]))) for name, changes in variants]
 
 
-def format_ablation(rows: Sequence[Variant]) -> str:
-    """The ablation as a text table: accuracy mean ± sd, time, difference from the first row, and its verdict."""
+def compare(what: str, seeds: int = 3, quick: bool = False, **options: Any) -> list[Variant]:
+    """Train each model of the comparison ``what`` (see ``COMPARISONS``) for seeds 0..seeds-1; one row per model.
+
+    ``options`` go to every training function (e.g. ``root``). A row's accuracies are with its recipe's TTA (none
+    for a recipe without one). Nothing is printed per run and no records are written.
+    """
+    if what not in COMPARISONS:
+        raise ValueError(f"what must be one of {sorted(COMPARISONS)}, got {what!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a whole number >= 1, got {seeds!r}")
+    rows = []
+    for name, train in tqdm(COMPARISONS[what], desc=f"comparison {what}"):
+        runs = [
+            train(quick=quick, seed=s, progress=False, verbose=False, record=False, **options) for s in range(seeds)
+        ]
+        rows.append(Variant(name, {}, tuple(r.test_acc_tta for r in runs), tuple(r.train_seconds for r in runs)))
+    return rows
+
+
+def format_ablation(rows: Sequence[Variant], accuracy: str = "accuracy (TTA)") -> str:
+    """The ablation as a text table: accuracy mean ± sd, time, difference from the first row, and its verdict.
+
+    Any comparison over seeds fits it: the first row is the reference; ``accuracy`` names the measure in the header.
+    """
     base = rows[0]
     n = len(base.accuracies)
     lines = [
-        f"{'variant':46s} {'accuracy (TTA), mean ± sd':>26s} {'train s':>8s} {'difference':>11s}  verdict",
+        f"{'variant':46s} {accuracy + ', mean ± sd':>26s} {'train s':>8s} {'difference':>11s}  verdict",
     ]
     for row in rows:
         diff, se = row.difference(base)
@@ -155,7 +205,7 @@ def format_ablation(rows: Sequence[Variant]) -> str:
         if diverged:
             verdict = f"diverged with {diverged} of {n} seeds"
         elif row is base:
-            verdict = f"(the recipe; {n} seed{'s' if n > 1 else ''})"
+            verdict = f"(the reference; {n} seed{'s' if n > 1 else ''})"
         elif n < 2:
             verdict = "one seed: no verdict"
         else:

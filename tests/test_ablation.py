@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from companion.__main__ import main
-from companion.ablation import INGREDIENTS, Variant, ablate, format_ablation
+from companion.ablation import COMPARISONS, INGREDIENTS, Variant, ablate, compare, format_ablation
 from companion.recipes.cnn import CNN_RECIPE
 from companion.recipes.common import Recipe
 from companion.recipes.vit import VIT_RECIPE
@@ -50,6 +51,7 @@ def test_the_verdict_compares_the_difference_with_two_standard_errors() -> None:
     assert "diverged with 1 of 3 seeds" in lines[4]
     one = format_ablation([Variant("a", {}, (0.8,), (1.0,)), Variant("b", {}, (0.7,), (1.0,))])
     assert "one seed: no verdict" in one
+    assert "test accuracy, mean ± sd" in format_ablation([base, far], accuracy="test accuracy").splitlines()[0]
 
 
 def test_the_command_refuses_an_unknown_ingredient(capsys) -> None:
@@ -70,3 +72,42 @@ def test_the_command_trains_at_the_sizes_it_is_given(fake_cifar: Path, capsys, m
     assert main([*argv, "--n-train", "30", "--n-test", "20", "--data", str(fake_cifar)]) == 0
     assert trained == [(30, 20, 1), (30, 20, 1)]
     assert "30 train images, 20 test images, 1 seeds" in capsys.readouterr().out
+
+
+def fake_training(name: str, accuracy: float, calls: list):
+    """A training function for ``COMPARISONS`` that notes its arguments and returns a fixed result per seed."""
+
+    def train(quick: bool, seed: int, **options):
+        calls.append((name, quick, seed, options["root"]))
+        return SimpleNamespace(test_acc_tta=accuracy + seed / 100, train_seconds=1.0 + seed)
+
+    return train
+
+
+def test_a_comparison_trains_each_model_with_each_seed(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setitem(
+        COMPARISONS, "pair", (("a", fake_training("a", 0.5, calls)), ("b", fake_training("b", 0.7, calls)))
+    )
+    rows = compare("pair", seeds=3, quick=True, root="here")
+    assert calls == [(n, True, s, "here") for n in "ab" for s in range(3)]
+    assert [r.name for r in rows] == ["a", "b"] and rows[1].accuracies == pytest.approx((0.7, 0.71, 0.72))
+    assert "larger than the noise" in format_ablation(rows).splitlines()[2]
+    with pytest.raises(ValueError, match="what must be one of"):
+        compare("no such pair")
+    with pytest.raises(ValueError, match="seeds must be"):
+        compare("pair", seeds=0)
+
+
+def test_the_compare_command_offers_every_comparison_and_prints_the_verdict(capsys, monkeypatch) -> None:
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    usage = capsys.readouterr().out
+    assert all(name in usage for name in COMPARISONS)
+    calls = []
+    arms = (("CNN", fake_training("CNN", 0.8, calls)), ("ViT", fake_training("ViT", 0.5, calls)))
+    monkeypatch.setitem(COMPARISONS, "vit-vs-cnn", arms)
+    assert main(["compare", "vit-vs-cnn", "--quick", "--seeds", "2", "--data", "somewhere"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [(n, True, s, "somewhere") for n in ("CNN", "ViT") for s in range(2)]
+    assert "Comparison vit-vs-cnn, quick mode, 2 seeds" in out and "larger than the noise" in out
