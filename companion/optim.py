@@ -1,6 +1,6 @@
 """Optimisers for ``fit``: which parameters get weight decay (and at which learning rate), the optimiser a
-``TrainConfig`` asks for (SGD, AdamW, or Muon for convolution kernels), and an exponential moving average of the
-weights with airbench's "lookahead" reset (a ``fit`` callback)."""
+``TrainConfig`` asks for (SGD, AdamW, or Muon for the hidden layers with SGD or AdamW for the rest), and an
+exponential moving average of the weights with airbench's "lookahead" reset (a ``fit`` callback)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from companion.callbacks import Callback
 if TYPE_CHECKING:
     from companion.train import FitState, TrainConfig
 
-__all__ = ["EMA", "Muon", "make_optimizer", "orthogonalize", "param_groups"]
+__all__ = ["EMA", "Muon", "hidden_weights", "make_optimizer", "orthogonalize", "param_groups"]
 
 
 def param_groups(
@@ -55,27 +55,52 @@ def param_groups(
     return groups
 
 
+def hidden_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable weights of ``model``'s hidden layers, the ones Muon orthogonalises: every ``nn.Linear`` and
+    ``nn.Conv2d`` weight except the output layer's (``head``) and a ViT's patch embedding (``patch_embed``).
+
+    Muon's rule (Jordan et al., 2024): the input and output layers, embeddings and vectors take the other
+    optimiser's steps. (FastCNN's 2x2 stem counts as hidden; the recipes whiten and freeze it.)
+    """
+    return [
+        m.weight
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+        and m.weight.requires_grad
+        and name.split(".")[0] not in {"head", "patch_embed"}
+    ]
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimiser ``config`` asks for: SGD with Nesterov momentum, AdamW or Muon, over ``param_groups``.
+    """The optimiser ``config`` asks for: SGD with Nesterov momentum, AdamW, or Muon, over ``param_groups``.
 
     With ``config.decay_embeddings=False`` the parameters the model names in ``no_weight_decay()`` (timm's
     convention, e.g. the ViT's class token and position embedding) get no weight decay; ``config.vector_lr_scale``
-    multiplies the learning rate of biases and norm parameters. ``"muon"`` moves the convolution kernels (4-D)
-    into a group of their own with ``config.muon_lr`` and ``config.muon_momentum``, no weight decay, orthogonalised
-    steps; the rest take ``"sgd"``'s steps, as in airbench94_muon.
+    multiplies the learning rate of biases and norm parameters. ``"muon"`` and ``"muon-adamw"`` move the hidden
+    layers' weights (``hidden_weights``) into a group of their own with ``config.muon_lr`` and
+    ``config.muon_momentum``, no weight decay, orthogonalised steps; the rest take ``"sgd"``'s steps with
+    ``"muon"`` (as in airbench94_muon) and ``"adamw"``'s with ``"muon-adamw"`` (as in Muon's transformer recipes).
     """
     no_decay = () if config.decay_embeddings else tuple(getattr(model, "no_weight_decay", lambda: ())())
     vector_lr = config.lr * config.vector_lr_scale if config.vector_lr_scale != 1.0 else None
     groups = param_groups(model, config.weight_decay, no_decay, vector_lr)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
-    if config.optimizer == "muon":
-        kernels = [p for p in groups[0]["params"] if p.ndim == 4]
-        groups[0]["params"] = [p for p in groups[0]["params"] if p.ndim != 4]  # group 0 keeps config.lr
+    if config.optimizer in {"muon", "muon-adamw"}:
+        hidden = {id(p) for p in hidden_weights(model)}
+        for group in groups:
+            group["params"] = [p for p in group["params"] if id(p) not in hidden]  # group 0 keeps config.lr
         groups.append(
-            {"params": kernels, "lr": config.muon_lr, "momentum": config.muon_momentum, "orthogonalize": True}
+            {
+                "params": [p for p in model.parameters() if id(p) in hidden],  # in the model's order
+                "lr": config.muon_lr,
+                "momentum": config.muon_momentum,
+                "orthogonalize": True,
+                "adamw": False,
+            }
         )
-        return Muon(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        adamw = config.optimizer == "muon-adamw"
+        return Muon(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, adamw=adamw)
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
 
 
@@ -99,22 +124,29 @@ def orthogonalize(update: torch.Tensor, steps: int = 3) -> torch.Tensor:
 class Muon(torch.optim.Optimizer):
     """SGD with Nesterov momentum whose step for a weight is orthogonalised: Muon (Jordan et al., 2024).
 
-    In a group with ``orthogonalize=True`` (convolution kernels, viewed as (out, in * k * k)) the Nesterov
-    momentum of the gradient goes through ``orthogonalize`` before the step, so every direction of the update
-    moves by about ``lr``, however small its gradient; the other groups take plain Nesterov SGD steps with
-    ``weight_decay`` (the same step as ``torch.optim.SGD(..., nesterov=True)``).
+    In a group with ``orthogonalize=True`` (hidden layers' weights; a convolution kernel viewed as
+    (out, in * k * k)) the Nesterov momentum of the gradient goes through ``orthogonalize`` before the step, so
+    every direction of the update moves by about ``lr`` (times sqrt(out / in) for a tall matrix), however small its
+    gradient. The other groups take plain Nesterov SGD steps with ``weight_decay`` (the same step as
+    ``torch.optim.SGD(..., nesterov=True)``), or with ``adamw=True`` AdamW's steps (the same as
+    ``torch.optim.AdamW(..., betas=(0.9, 0.999))``).
     """
 
     def __init__(
-        self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, orthogonalize: bool = False
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        orthogonalize: bool = False,
+        adamw: bool = False,
     ) -> None:
         if not lr > 0 or not 0 <= momentum < 1 or not weight_decay >= 0:
             raise ValueError(
                 f"Muon needs lr > 0, momentum in [0, 1), weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
             )
-        super().__init__(
-            params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": orthogonalize}
-        )
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": orthogonalize}
+        super().__init__(params, {**defaults, "adamw": adamw})
 
     @torch.no_grad()
     def step(self, closure=None) -> None:  # noqa: ANN001 (torch's signature)
@@ -124,6 +156,9 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
+                    continue
+                if group["adamw"] and not group["orthogonalize"]:
+                    self._adamw_step(p, group)
                     continue
                 grad = p.grad
                 if group["weight_decay"] and not group["orthogonalize"]:
@@ -135,8 +170,24 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
                 update = grad.add(state["momentum_buffer"], alpha=group["momentum"])  # Nesterov
                 if group["orthogonalize"]:
+                    rows, cols = update.flatten(1).shape
                     update = orthogonalize(update.flatten(1)).view_as(p)  # (out, in*k*k) -> back to p's shape
+                    if rows > cols:  # a tall matrix: its rows are not unit length, scale up (Muon's convention)
+                        update = update * (rows / cols) ** 0.5
                 p.add_(update, alpha=-group["lr"])
+
+    def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
+        """AdamW's step for one parameter (betas 0.9, 0.999; eps 1e-8; decoupled weight decay)."""
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+        state["step"] += 1
+        t, lr = state["step"], group["lr"]
+        p.mul_(1 - lr * group["weight_decay"])
+        state["exp_avg"].lerp_(p.grad, 0.1)  # m <- 0.9 m + 0.1 g
+        state["exp_avg_sq"].mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)  # v <- 0.999 v + 0.001 g^2
+        denom = (state["exp_avg_sq"].sqrt() / (1 - 0.999**t) ** 0.5).add_(1e-8)
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - 0.9**t))
 
 
 class EMA(Callback):

@@ -56,8 +56,8 @@ class TrainConfig:
     """
 
     epochs: int = 10
-    optimizer: str = "sgd"  # "sgd" (Nesterov momentum), "adamw", or "muon" (Muon for kernels, SGD for the rest)
-    lr: float | None = None  # None: 0.05 for SGD (and Muon's SGD part), 1e-3 for AdamW
+    optimizer: str = "sgd"  # "sgd" (Nesterov), "adamw"; "muon"/"muon-adamw": Muon, SGD/AdamW for the rest
+    lr: float | None = None  # None: 0.05 for SGD (and Muon's SGD part), 1e-3 for AdamW (and Muon's AdamW part)
     momentum: float = 0.9  # SGD's momentum (Nesterov); 0: plain SGD
     weight_decay: float = 5e-4  # on weight matrices and kernels only (companion.optim.param_groups)
     schedule: str = "onecycle"  # linear warm-up, then linear ("onecycle") or half-cosine ("cosine") decay to 0
@@ -69,7 +69,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model for training on CUDA (ignored on other devices)
     sync_batch_norm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
     vector_lr_scale: float = 1.0  # learning-rate multiplier for biases and norm parameters (airbench)
-    muon_lr: float = 0.24  # with optimizer="muon": the kernels' step size (their updates are orthogonalised) ...
+    muon_lr: float = 0.24  # with Muon: the hidden layers' step size (their updates are orthogonalised) ...
     muon_momentum: float = 0.6  # ... and their Nesterov momentum (airbench94_muon's values)
     decay_embeddings: bool = True  # False: no weight decay for what model.no_weight_decay() names (timm)
     progress: bool = True  # a progress bar (on rank 0 only under torchrun)
@@ -77,7 +77,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_config(self)
         if self.lr is None:  # the optimiser's usual starting point
-            object.__setattr__(self, "lr", 1e-3 if self.optimizer == "adamw" else 0.05)
+            object.__setattr__(self, "lr", 1e-3 if self.optimizer in {"adamw", "muon-adamw"} else 0.05)
         for name in (
             "lr",
             "momentum",
@@ -101,7 +101,11 @@ def _check_config(c: TrainConfig) -> None:
 
     problems = [
         (not isinstance(c.epochs, int) or isinstance(c.epochs, bool) or c.epochs < 1, "epochs", "a whole number >= 1"),
-        (c.optimizer not in {"sgd", "adamw", "muon"}, "optimizer", "'sgd', 'adamw' or 'muon'"),
+        (
+            c.optimizer not in {"sgd", "adamw", "muon", "muon-adamw"},
+            "optimizer",
+            "'sgd', 'adamw', 'muon' or 'muon-adamw'",
+        ),
         (c.lr is not None and not (real(c.lr) and c.lr > 0), "lr", "a positive finite number, or None"),
         (not (real(c.momentum) and 0 <= c.momentum < 1), "momentum", "a number in [0, 1)"),
         (not (real(c.weight_decay) and c.weight_decay >= 0), "weight_decay", "a finite number >= 0"),

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from companion.models import FastCNN, ViT
-from companion.optim import EMA, Muon, make_optimizer, orthogonalize, param_groups
+from companion.optim import EMA, Muon, hidden_weights, make_optimizer, orthogonalize, param_groups
 from companion.train import TrainConfig
 
 
@@ -201,3 +201,50 @@ def test_muon_orthogonalises_only_the_kernels_and_fit_trains_with_it() -> None:
         TrainConfig(optimizer="muon", muon_lr=0.0)
     with pytest.raises(ValueError, match="muon_momentum must be a number in"):
         TrainConfig(optimizer="muon", muon_momentum=1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_muon_with_adamw_for_the_rest_is_pytorchs_adamw(seed: int) -> None:
+    torch.manual_seed(seed)
+    lr, wd = [1e-3, 3e-3, 1e-2, 2e-4][seed], [0.0, 0.05, 0.1, 0.01][seed]
+    a = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3))
+    b = copy.deepcopy(a)
+    ours = Muon(a.parameters(), lr=lr, weight_decay=wd, adamw=True)
+    theirs = torch.optim.AdamW(b.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.999))
+    for _ in range(6):
+        x = torch.randn(11, 5)
+        for model, opt in ((a, ours), (b, theirs)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_muon_adamw_orthogonalises_the_vits_hidden_layers_only() -> None:
+    torch.manual_seed(0)
+    model = ViT(image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)
+    config = TrainConfig(optimizer="muon-adamw", lr=2e-3, muon_lr=0.02, muon_momentum=0.95, weight_decay=0.05)
+    assert TrainConfig(optimizer="muon-adamw").lr == 1e-3  # AdamW's default for the rest
+    opt = make_optimizer(model, config)
+    hidden = {id(p) for p in hidden_weights(model)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[i] for i in hidden) == sorted(
+        f"blocks.{b}.{layer}.weight"
+        for b in range(2)
+        for layer in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.0", "mlp.3")
+    )
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids == hidden if group["orthogonalize"] else not ids & hidden
+        assert group["adamw"] != group["orthogonalize"]  # everything that is not orthogonalised takes AdamW steps
+    fc = model.blocks[0].mlp[0].weight  # (64, 32): a tall matrix, scaled by sqrt(64 / 32)
+    before = fc.detach().clone()
+    nn.init.normal_(model.head.weight, std=0.1)  # the head starts at zero: no gradient would reach the blocks
+    model(torch.randn(4, 3, 16, 16)).logsumexp(1).mean().backward()
+    grad = fc.grad.clone()
+    opt.step()
+    expected = -0.02 * 2**0.5 * orthogonalize(grad + 0.95 * grad)  # first step: the momentum buffer is the gradient
+    torch.testing.assert_close(fc.detach() - before, expected)
+    with pytest.raises(ValueError, match="'muon' or 'muon-adamw'"):
+        TrainConfig(optimizer="lion")

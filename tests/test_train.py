@@ -70,7 +70,7 @@ def test_schedule_warms_up_then_decays_to_zero(kind):
 
 def test_bad_training_arguments():
     data, model = tiny_batch(), tiny_cnn()
-    with pytest.raises(ValueError, match="optimizer must be 'sgd', 'adamw' or 'muon'"):
+    with pytest.raises(ValueError, match="optimizer must be 'sgd', 'adamw', 'muon' or 'muon-adamw'"):
         fit(model, data, optimizer="adam", progress=False)
     with pytest.raises(ValueError, match="schedule must be"):
         fit(model, data, schedule="step", progress=False)
