@@ -97,6 +97,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
                 "momentum": config.muon_momentum,
                 "orthogonalize": True,
                 "adamw": False,
+                "steps": config.muon_steps,
             }
         )
         adamw = config.optimizer == "muon-adamw"
@@ -127,8 +128,8 @@ class Muon(torch.optim.Optimizer):
     In a group with ``orthogonalize=True`` (hidden layers' weights; a convolution kernel viewed as
     (out, in * k * k)) the Nesterov momentum of the gradient goes through ``orthogonalize`` before the step, so
     every direction of the update moves by about ``lr`` (times sqrt(out / in) for a tall matrix), however small its
-    gradient. The other groups take plain Nesterov SGD steps with ``weight_decay`` (the same step as
-    ``torch.optim.SGD(..., nesterov=True)``), or with ``adamw=True`` AdamW's steps (the same as
+    gradient (``steps`` Newton-Schulz steps). The other groups take plain Nesterov SGD steps with ``weight_decay``
+    (the same step as ``torch.optim.SGD(..., nesterov=True)``), or with ``adamw=True`` AdamW's steps (the same as
     ``torch.optim.AdamW(..., betas=(0.9, 0.999))``).
     """
 
@@ -140,13 +141,14 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         orthogonalize: bool = False,
         adamw: bool = False,
+        steps: int = 3,
     ) -> None:
         if not lr > 0 or not 0 <= momentum < 1 or not weight_decay >= 0:
             raise ValueError(
                 f"Muon needs lr > 0, momentum in [0, 1), weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
             )
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": orthogonalize}
-        super().__init__(params, {**defaults, "adamw": adamw})
+        super().__init__(params, {**defaults, "adamw": adamw, "steps": steps})
 
     @torch.no_grad()
     def step(self, closure=None) -> None:  # noqa: ANN001 (torch's signature)
@@ -171,7 +173,7 @@ class Muon(torch.optim.Optimizer):
                 update = grad.add(state["momentum_buffer"], alpha=group["momentum"])  # Nesterov
                 if group["orthogonalize"]:
                     rows, cols = update.flatten(1).shape
-                    update = orthogonalize(update.flatten(1)).view_as(p)  # (out, in*k*k) -> back to p's shape
+                    update = orthogonalize(update.flatten(1), group["steps"]).view_as(p)  # (out, in*k*k) -> p's shape
                     if rows > cols:  # a tall matrix: its rows are not unit length, scale up (Muon's convention)
                         update = update * (rows / cols) ** 0.5
                 p.add_(update, alpha=-group["lr"])

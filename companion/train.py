@@ -70,7 +70,8 @@ class TrainConfig:
     sync_batch_norm: bool = False  # under torchrun on GPUs: batch-norm statistics over the global batch
     vector_lr_scale: float = 1.0  # learning-rate multiplier for biases and norm parameters (airbench)
     muon_lr: float = 0.24  # with Muon: the hidden layers' step size (their updates are orthogonalised) ...
-    muon_momentum: float = 0.6  # ... and their Nesterov momentum (airbench94_muon's values)
+    muon_momentum: float = 0.6  # ... and their Nesterov momentum (airbench94_muon's values) ...
+    muon_steps: int = 3  # ... and Newton-Schulz steps per update (airbench94_muon: 3; Muon for transformers: 5)
     decay_embeddings: bool = True  # False: no weight decay for what model.no_weight_decay() names (timm)
     progress: bool = True  # a progress bar (on rank 0 only under torchrun)
 
@@ -122,6 +123,11 @@ def _check_config(c: TrainConfig) -> None:
         (not (real(c.vector_lr_scale) and c.vector_lr_scale > 0), "vector_lr_scale", "a positive finite number"),
         (not (real(c.muon_lr) and c.muon_lr > 0), "muon_lr", "a positive finite number"),
         (not (real(c.muon_momentum) and 0 < c.muon_momentum < 1), "muon_momentum", "a number in (0, 1)"),
+        (
+            isinstance(c.muon_steps, bool) or not isinstance(c.muon_steps, int) or c.muon_steps < 1,
+            "muon_steps",
+            "a whole number >= 1",
+        ),
     ]
     for flag in ("compile", "sync_batch_norm", "decay_embeddings", "progress"):
         problems.append((not isinstance(getattr(c, flag), bool), flag, "True or False"))

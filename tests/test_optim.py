@@ -224,7 +224,9 @@ def test_muon_with_adamw_for_the_rest_is_pytorchs_adamw(seed: int) -> None:
 def test_muon_adamw_orthogonalises_the_vits_hidden_layers_only() -> None:
     torch.manual_seed(0)
     model = ViT(image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)
-    config = TrainConfig(optimizer="muon-adamw", lr=2e-3, muon_lr=0.02, muon_momentum=0.95, weight_decay=0.05)
+    config = TrainConfig(
+        optimizer="muon-adamw", lr=2e-3, muon_lr=0.02, muon_momentum=0.95, muon_steps=5, weight_decay=0.05
+    )
     assert TrainConfig(optimizer="muon-adamw").lr == 1e-3  # AdamW's default for the rest
     opt = make_optimizer(model, config)
     hidden = {id(p) for p in hidden_weights(model)}
@@ -244,7 +246,9 @@ def test_muon_adamw_orthogonalises_the_vits_hidden_layers_only() -> None:
     model(torch.randn(4, 3, 16, 16)).logsumexp(1).mean().backward()
     grad = fc.grad.clone()
     opt.step()
-    expected = -0.02 * 2**0.5 * orthogonalize(grad + 0.95 * grad)  # first step: the momentum buffer is the gradient
+    expected = -0.02 * 2**0.5 * orthogonalize(grad + 0.95 * grad, steps=5)  # first step: the buffer is the gradient
     torch.testing.assert_close(fc.detach() - before, expected)
     with pytest.raises(ValueError, match="'muon' or 'muon-adamw'"):
         TrainConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="muon_steps must be a whole number"):
+        TrainConfig(optimizer="muon-adamw", muon_steps=0)
