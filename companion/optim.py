@@ -106,20 +106,21 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def orthogonalize(update: torch.Tensor, steps: int = 3) -> torch.Tensor:
-    """Roughly ``U @ V.T`` for ``update = U S V.T`` (2-D): every singular value moved into about [0.5, 1.5].
+    """Roughly ``U @ V.T`` for ``update = U S V.T``: every singular value moved into about [0.5, 1.5].
 
-    Muon's quintic Newton-Schulz iteration (Jordan et al., 2024), in bfloat16: each step maps every singular
-    value s to a s + b s^3 + c s^5, coefficients chosen to pull small values up fast rather than to converge.
+    ``update`` is a matrix (m, n) or a stack of them (..., m, n). Muon's quintic Newton-Schulz iteration (Jordan et
+    al., 2024), in bfloat16: each step maps every singular value s to a s + b s^3 + c s^5, coefficients chosen to
+    pull small values up fast rather than to converge.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = update.bfloat16()
-    x = x / (x.norm() + 1e-7)  # the largest singular value <= 1
-    wide = x.shape[0] <= x.shape[1]
-    x = x if wide else x.T  # (rows <= columns): the Gram matrix x @ x.T is the smaller one
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # the largest singular value <= 1
+    wide = x.shape[-2] <= x.shape[-1]
+    x = x if wide else x.mT  # (rows <= columns): the Gram matrix x @ x.T is the smaller one
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.T).to(update.dtype)
+    return (x if wide else x.mT).to(update.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -156,27 +157,32 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("Muon.step takes no closure")
         for group in self.param_groups:
+            momentum, orthogonal = group["momentum"], group["orthogonalize"]
+            updates: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # matrix shape -> (weight, step)
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if group["adamw"] and not group["orthogonalize"]:
+                if group["adamw"] and not orthogonal:
                     self._adamw_step(p, group)
                     continue
                 grad = p.grad
-                if group["weight_decay"] and not group["orthogonalize"]:
+                if group["weight_decay"] and not orthogonal:
                     grad = grad.add(p, alpha=group["weight_decay"])
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = grad.clone()  # as torch.optim.SGD: the first buffer is the gradient
                 else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                update = grad.add(state["momentum_buffer"], alpha=group["momentum"])  # Nesterov
-                if group["orthogonalize"]:
-                    rows, cols = update.flatten(1).shape
-                    update = orthogonalize(update.flatten(1), group["steps"]).view_as(p)  # (out, in*k*k) -> p's shape
-                    if rows > cols:  # a tall matrix: its rows are not unit length, scale up (Muon's convention)
-                        update = update * (rows / cols) ** 0.5
-                p.add_(update, alpha=-group["lr"])
+                    state["momentum_buffer"].mul_(momentum).add_(grad)
+                update = grad.add(state["momentum_buffer"], alpha=momentum)  # Nesterov
+                if orthogonal:  # later, all matrices of one shape at once: (out, in*k*k)
+                    updates.setdefault(update.flatten(1).shape, []).append((p, update.flatten(1)))
+                else:
+                    p.add_(update, alpha=-group["lr"])
+            for (rows, cols), pairs in updates.items():
+                steps = orthogonalize(torch.stack([u for _, u in pairs]), group["steps"])
+                scale = max(1.0, rows / cols) ** 0.5  # a tall matrix's rows are not unit length: Muon scales it up
+                for (p, _), step in zip(pairs, steps):
+                    p.add_(step.view_as(p), alpha=-group["lr"] * scale)
 
     def _adamw_step(self, p: torch.Tensor, group: dict) -> None:
         """AdamW's step for one parameter (betas 0.9, 0.999; eps 1e-8; decoupled weight decay)."""
