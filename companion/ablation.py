@@ -45,6 +45,7 @@ INGREDIENTS: dict[str, dict[str, dict[str, Any]]] = {
         "+ ramped lookahead every 5 steps (GPU)": {"ema_decay": 0.77, "lookahead_every": 5, "ema_ramp": 3.0},
     },
     "vit": {
+        "AdamW instead of Muon for the blocks": {"optimizer": "adamw"},
         "no label smoothing": {"label_smoothing": 0.0},
         "no gradient clipping": {"grad_clip": None},
         "no warm-up (cosine from the start)": {"warmup": 0.0},
