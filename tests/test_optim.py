@@ -159,6 +159,20 @@ def test_orthogonalize_moves_every_singular_value_near_one(shape: tuple[int, int
     assert cosine > 0.95  # the direction is U V^T's
 
 
+def assert_same_steps(
+    a: nn.Module, ours: torch.optim.Optimizer, b: nn.Module, theirs: torch.optim.Optimizer, steps: int
+) -> None:
+    """Train two copies of a model on the same batches, each with its optimiser; the weights must stay equal."""
+    for _ in range(steps):
+        x = torch.randn(11, 5)
+        for model, opt in ((a, ours), (b, theirs)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_muon_without_orthogonalising_is_pytorchs_nesterov_sgd(seed: int) -> None:
     torch.manual_seed(seed)
@@ -167,14 +181,7 @@ def test_muon_without_orthogonalising_is_pytorchs_nesterov_sgd(seed: int) -> Non
     b = copy.deepcopy(a)
     ours = Muon(a.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
     theirs = torch.optim.SGD(b.parameters(), lr=lr, momentum=momentum, weight_decay=wd, nesterov=momentum > 0)
-    for _ in range(5):
-        x = torch.randn(11, 5)
-        for model, opt in ((a, ours), (b, theirs)):
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q)
+    assert_same_steps(a, ours, b, theirs, steps=5)
 
 
 def test_muon_orthogonalises_only_the_kernels_and_fit_trains_with_it() -> None:
@@ -211,14 +218,7 @@ def test_muon_with_adamw_for_the_rest_is_pytorchs_adamw(seed: int) -> None:
     b = copy.deepcopy(a)
     ours = Muon(a.parameters(), lr=lr, weight_decay=wd, adamw=True)
     theirs = torch.optim.AdamW(b.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.999))
-    for _ in range(6):
-        x = torch.randn(11, 5)
-        for model, opt in ((a, ours), (b, theirs)):
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q)
+    assert_same_steps(a, ours, b, theirs, steps=6)
 
 
 def test_muon_adamw_orthogonalises_the_vits_hidden_layers_only() -> None:
