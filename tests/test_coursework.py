@@ -1,7 +1,8 @@
 """A check a student cannot fool, grading a class, and the files an instructor writes (companion.exercises).
 
-The submissions here are small synthetic notebooks graded against a small release with three coding exercises
-(graded by check_effective_positions, which runs in milliseconds) and a written answer: each scenario is one real run of
+The submissions here are small synthetic notebooks graded against a small release with three coding exercises, three
+copies of Chapter 4's effective-positions exercise (``effective_a``, ``effective_b``, ``effective_c``, each graded by
+check_effective_positions, which runs in milliseconds), and a written answer: each scenario is one real run of
 ``check`` in its own process, as in a course.
 """
 
@@ -51,7 +52,7 @@ def _notebook(cells: list[dict]) -> dict:
     return {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
 
 
-NAMES = ("mask_a", "mask_b", "mask_c")
+NAMES = ("effective_a", "effective_b", "effective_c")
 
 
 def _release(tmp_path: Path) -> Path:
@@ -81,16 +82,16 @@ def test_edited_patched_deleted_and_added_graders_and_points_come_from_the_relea
     marker = tmp_path / "sleeper.pid"
 
     def cheat(cells):
-        cells[2]["source"] = cells[2]["source"].replace(GOOD, WRONG)  # mask_a wrong ...
+        cells[2]["source"] = cells[2]["source"].replace(GOOD, WRONG)  # effective_a wrong ...
         cells[3]["source"] = "pass"  # ... and its grader replaced
         cells[3]["metadata"]["nbgrader"]["points"] = 1000
-        cells[4]["source"] = (  # mask_b wrong, and the graders monkeypatched
+        cells[4]["source"] = (  # effective_b wrong, and the graders monkeypatched
             "import companion.grading\n"
             "grading.check_effective_positions = lambda fn: print('passed')\n"
             "companion.grading.check_effective_positions = grading.check_effective_positions\n"
-            "def mask_b(w):\n" + WRONG
+            "def effective_b(w):\n" + WRONG
         )
-        del cells[7]  # mask_c's grader deleted
+        del cells[7]  # effective_c's grader deleted
         bonus = _cell("code", "print('bonus')", grade=True, solution=False, grade_id="bonus", points=5000)
         flood = _cell("code", "print('x' * 50_000_000)")
         sleeper = _cell(
@@ -110,11 +111,11 @@ def test_edited_patched_deleted_and_added_graders_and_points_come_from_the_relea
         del os.environ["COURSEWORK_TEST_SECRET"]
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     got = _by_name(results)
-    assert list(got) == ["ex-mask_a", "ex-mask_b", "ex-mask_c", "ex-written"]
+    assert list(got) == ["ex-effective_a", "ex-effective_b", "ex-effective_c", "ex-written"]
     assert [r.points for r in results] == [1, 1, 1, 2]  # the release's points, not 1000; no bonus row
-    assert not got["ex-mask_a"].passed and "that is the entropy" in got["ex-mask_a"].diagnosis
-    assert not got["ex-mask_b"].passed and "that is the entropy" in got["ex-mask_b"].diagnosis
-    assert not got["ex-mask_c"].passed and "missing from the submission" in got["ex-mask_c"].diagnosis
+    assert not got["ex-effective_a"].passed and "that is the entropy" in got["ex-effective_a"].diagnosis
+    assert not got["ex-effective_b"].passed and "that is the entropy" in got["ex-effective_b"].diagnosis
+    assert not got["ex-effective_c"].passed and "missing from the submission" in got["ex-effective_c"].diagnosis
     assert got["ex-written"].kind == "manual"
     assert any("was edited; the released version ran" in n for n in notes), notes
     assert any("not a grader cell of the release (bonus)" in n for n in notes), notes
@@ -143,17 +144,18 @@ def test_an_endless_loop_times_out_and_a_crash_is_a_report_row(tmp_path):
     rel = _release(tmp_path)
 
     def loop_then_crash(cells):
-        cells[2]["source"] = "def mask_a(w):\n    while True:\n        pass\n"
-        cells.insert(6, _cell("code", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"))  # before mask_c
+        cells[2]["source"] = "def effective_a(w):\n    while True:\n        pass\n"
+        cells.insert(6, _cell("code", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"))  # before effective_c
 
     sub = _submission(rel, tmp_path / "loop.ipynb", loop_then_crash)
     start = time.monotonic()
     results, notes = check(sub, release=rel, timeout=3)
     got = _by_name(results)
     assert time.monotonic() - start < 60
-    assert not got["ex-mask_a"].passed and "timed out: the cell ran for more than 3 s" in got["ex-mask_a"].diagnosis
-    assert got["ex-mask_b"].passed  # the check went on after the loop
-    assert not got["ex-mask_c"].passed and "killed by SIGKILL" in got["ex-mask_c"].diagnosis
+    loop = got["ex-effective_a"]
+    assert not loop.passed and "timed out: the cell ran for more than 3 s" in loop.diagnosis
+    assert got["ex-effective_b"].passed  # the check went on after the loop
+    assert not got["ex-effective_c"].passed and "killed by SIGKILL" in got["ex-effective_c"].diagnosis
     assert any("killed by SIGKILL" in n for n in notes)
 
 
@@ -215,12 +217,12 @@ def test_grade_a_class(tmp_path):
     assert [table["right", f"ex-{n}"]["status"] for n in NAMES] == ["passed"] * 3
     assert table["right", "ex-written"]["status"] == "manual" and table["right", "ex-written"]["points"] == ""
     assert (
-        table["wrong", "ex-mask_a"]["status"] == "failed"
-        and "that is the entropy" in table["wrong", "ex-mask_a"]["diagnosis"]
+        table["wrong", "ex-effective_a"]["status"] == "failed"
+        and "that is the entropy" in table["wrong", "ex-effective_a"]["diagnosis"]
     )
-    assert table["wrong", "ex-mask_b"]["points"] == "1.0"
+    assert table["wrong", "ex-effective_b"]["points"] == "1.0"
     assert all(table["blank", f"ex-{n}"]["status"] == "failed" for n in NAMES)
-    assert "not done yet" in table["blank", "ex-mask_a"]["diagnosis"]
+    assert "not done yet" in table["blank", "ex-effective_a"]["diagnosis"]
     assert table["broken", ""]["status"] == "error" and "not a notebook" in table["broken", ""]["diagnosis"]
     assert main(["exercises", "grade", str(folder), "--out", str(out), "--release", str(rel)]) == 2  # exists
 
