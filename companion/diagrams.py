@@ -25,7 +25,7 @@ __all__ = [
     "vit_diagram",
 ]
 
-FONT = 9.5  # points: about 13 pixels tall in the book, where a figure is shown at 100 dpi
+FONT = 9.0  # points: about 12.5 pixels tall in the book, where a figure is shown at 100 dpi
 COLOURS = {"data": "#dbe9f6", "layer": "#fde0c5", "attention": "#d9f0d3", "frozen": "#e5e5e5", "output": "#f6d5e5"}
 
 
@@ -204,7 +204,7 @@ def sagan_block_diagram() -> Figure:
     for name, shape, y in rows:
         _box(ax, 3.0, y, 3.0, 1.0, f"{name}\n{shape}", size=small)
         _arrow(ax, (2.25, 4.6), (2.95, y + 0.5))
-    _box(ax, 6.7, 5.0, 3.6, 1.9, "Q K^T: N x N\nsoftmax over keys\n(each row sums to 1)", "attention", size=small)
+    _box(ax, 6.7, 5.0, 3.6, 1.9, "Q K^T: N x N\nsoftmax over keys\n(rows sum to 1)", "attention", size=small)
     _arrow(ax, (6.05, 7.1), (6.65, 6.4))
     _arrow(ax, (6.05, 4.6), (6.65, 5.4))
     _box(ax, 6.8, 1.8, 3.4, 1.2, "o = weights x V\nC x H x W", "attention", size=small)
