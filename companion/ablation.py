@@ -46,6 +46,7 @@ INGREDIENTS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "vit": {
         "AdamW instead of Muon for the blocks": {"optimizer": "adamw"},
+        "batches of 128 instead of 256 (AdamW lr 2e-3)": {"batch_size": 128, "lr": 2e-3},
         "no label smoothing": {"label_smoothing": 0.0},
         "no gradient clipping": {"grad_clip": None},
         "no warm-up (cosine from the start)": {"warmup": 0.0},

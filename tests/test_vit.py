@@ -246,7 +246,7 @@ def test_recipes_build_and_train_a_step() -> None:
 
 
 def test_train_vit_end_to_end(fake_cifar, tmp_path, capsys) -> None:
-    recipe = VIT_RECIPE.replace(dim=16, depth=1, num_heads=2, erase=0.5, batch_size=16)
+    recipe = VIT_RECIPE.replace(dim=16, depth=1, num_heads=2, erase=0.5, batch_size=32, quick_batch_size=16)
     recipe = recipe.replace(quick_n_train=40, quick_n_test=20)
     save = tmp_path / "vit.safetensors"
     result = train_vit(quick=True, epochs=2, root=fake_cifar, save=save, recipe=recipe, progress=False)
@@ -254,7 +254,7 @@ def test_train_vit_end_to_end(fake_cifar, tmp_path, capsys) -> None:
     assert line.startswith("ViT cpu recipe (dim 16, depth 1") and "(quick, 2 epochs, 40 training images)" in line
     assert "flip-TTA" in line and saved == f"weights saved to {save}"
     assert result.n_train == 40 and len(result.history.test_acc) == 2 and result.recipe.erase == 0.5
-    assert result.recipe.batch_size == 16  # quick mode keeps the recipe's batch size (quick_batch_size None)
+    assert result.recipe.batch_size == 16  # quick mode trains in the recipe's quick_batch_size
     assert 0 <= result.test_acc <= 1 and 0 <= result.test_acc_tta <= 1 and result.train_seconds > 0
     reloaded = load_weights(make_vit(recipe), save)
     x = torch.randn(2, 3, 32, 32)
