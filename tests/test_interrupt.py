@@ -124,7 +124,7 @@ def test_an_interrupted_recipe_run_keeps_its_weights_and_resumes_to_the_same_dig
     recipe = (
         TINY
         if train is train_cnn
-        else VIT_RECIPE.replace(dim=16, depth=1, num_heads=2, quick_n_train=40, quick_n_test=20, batch_size=8)
+        else VIT_RECIPE.replace(dim=16, depth=1, num_heads=2, quick_n_train=40, quick_n_test=20, quick_batch_size=8)
     )
     killer = SignalAt(None)
     real_fit = common.fit
