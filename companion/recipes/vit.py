@@ -3,8 +3,9 @@
 The settings follow what the small-data ViT literature found to work on CIFAR-10 (Lee et al., 2021;
 Hassani et al., 2021; Beyer et al., 2022): small patches (4x4 -> 64 tokens), AdamW with linear
 warm-up and cosine decay, label smoothing, a zero-initialised head and, for long runs, random flips
-and translations plus random erasing. ``train_vit`` picks :data:`VIT_RECIPE_GPU` on CUDA and :data:`VIT_RECIPE`
-elsewhere, unless given a recipe.
+and translations plus random erasing. The CPU recipe trains the encoder blocks' weight matrices with Muon (Jordan
+et al., 2024) instead, the rest with AdamW, which is worth 15 points at its short budget (Chapter 5's ablation).
+``train_vit`` picks :data:`VIT_RECIPE_GPU` on CUDA and :data:`VIT_RECIPE` elsewhere, unless given a recipe.
 
 The GPU recipe adds what the small-data ViT papers found for long runs, each a recipe field that is off in the
 CPU recipe: stochastic depth, shifted patch tokenization and locality self-attention (Lee et al., 2021), batch
@@ -41,11 +42,12 @@ class VitRecipe(Recipe):
     # Evidence (full data, bf16, flip-TTA, seed 0, one run after another on the idle machine at a slow hour, ~55 s
     # per epoch whatever the batch size): batches of 256 for 5 epochs 0.7015 (281 s), for 7 epochs 0.7263 (387 s);
     # of 512 for 6 epochs (AdamW lr 4e-3) 0.7168 (337 s); of 128 (AdamW lr 2e-3) for 6 epochs 0.6559 (272 s at a
-    # fast hour), for 7 epochs 0.6651 (390 s). Seeds 0-2 of this recipe: README. With AdamW for everything 0.5822
-    # (batches of 128, 6 epochs; the recipe until 2026-12-03). Ablation over 3 seeds at 10,000 images x 3 epochs
-    # (Chapter 5, batches of 128): AdamW instead of Muon -14.3 points, flips and translations -5.3, the rest within
-    # the noise. One seed at that scale: Muon lr 0.01 / 0.02 / 0.05 / 0.1: 0.43 / 0.44-0.48 / 0.42 / 0.31; 3
-    # Newton-Schulz steps 0.43-0.44 against 5 steps 0.48; mean pooling with SPT and LSA 0.40.
+    # fast hour), for 7 epochs 0.6651 (390 s). This recipe over seeds 0-2: 0.7015 / 0.6844 / 0.7086 (235-268 s,
+    # README). With AdamW for everything 0.5822 (batches of 128, 6 epochs; the recipe until 2026-12-03). Ablation
+    # over 3 seeds at 10,000 images x 3 epochs (Chapter 5): AdamW instead of Muon -15.1 points, flips and translations
+    # -5.5, shifted patch tokens -2.0, batches of 128 +1.7 (in a 117-step run more steps win), the rest within the
+    # noise. One seed at that scale, batches of 128: Muon lr 0.01 / 0.02 / 0.05 / 0.1: 0.43 / 0.44-0.48 / 0.42 /
+    # 0.31; 3 Newton-Schulz steps 0.43-0.44 against 5 steps 0.48; mean pooling with SPT and LSA 0.40.
     train: TrainConfig = TrainConfig(
         epochs=5,
         optimizer="muon-adamw",
