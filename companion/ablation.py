@@ -29,6 +29,7 @@ __all__ = ["COMPARISONS", "INGREDIENTS", "Variant", "ablate", "compare", "format
 INGREDIENTS: dict[str, dict[str, dict[str, Any]]] = {
     "cnn": {
         "no flips and translations": {"augment": False},
+        "zeros instead of reflection around translations": {"padding_mode": "zeros"},
         "no label smoothing": {"label_smoothing": 0.0},
         "no whitened stem": {"whiten": False},
         "no identity init": {"identity_init": False},

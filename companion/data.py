@@ -589,8 +589,9 @@ class DeviceLoader:
     ``images`` are uint8 (N, C, H, W) with C = len(mean), as ``load_cifar10`` returns them; float images
     in [0, 1] are accepted only with ``float_input=True``, and then rounded to uint8 once.
     The whole uint8 data set is moved to ``device`` once. Each batch is converted to float,
-    optionally augmented (random horizontal flip, random translation by up to ``pad`` pixels
-    with zero padding) and normalised there, so the training loop does no per-image PIL work.
+    optionally augmented (random horizontal flip, random translation by up to ``pad`` pixels, the uncovered
+    border filled with zeros or, with ``padding_mode="reflect"``, by reflection as airbench does) and
+    normalised there, so the training loop does no per-image PIL work.
 
     Under ``torchrun`` a shuffling loader gives each process its own shard of every epoch: all ranks
     draw the same permutation (same ``seed``) and rank r takes the r-th of ``world_size()`` equal
@@ -610,6 +611,7 @@ class DeviceLoader:
         mean: tuple[float, ...] = CIFAR10_MEAN,
         std: tuple[float, ...] = CIFAR10_STD,
         pad: int = 4,
+        padding_mode: str = "zeros",
         drop_last: bool = False,
         seed: int = 0,
         float_input: bool = False,
@@ -638,11 +640,16 @@ class DeviceLoader:
             raise TypeError(f"labels must be 1-D integers (N,), got {labels.dtype} of shape {tuple(labels.shape)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if padding_mode not in {"zeros", "reflect"}:
+            raise ValueError(f"padding_mode must be 'zeros' or 'reflect' (nn.Conv2d's names), got {padding_mode!r}")
+        if augment and padding_mode == "reflect" and pad >= min(images.shape[-2:]):
+            size = tuple(images.shape[-2:])
+            raise ValueError(f"padding_mode='reflect' needs pad smaller than the images {size}, got pad={pad}")
         self.device = torch.device(device) if device is not None else best_device()
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
-        self.pad, self.drop_last = pad, drop_last
+        self.pad, self.padding_mode, self.drop_last = pad, padding_mode, drop_last
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self.generator = torch.Generator().manual_seed(seed)  # CPU generator: same numbers on every device
@@ -694,7 +701,8 @@ class DeviceLoader:
         x = torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)
         if self.pad > 0:
             p = self.pad
-            padded = torch.nn.functional.pad(x, (p, p, p, p))  # (B, C, H+2p, W+2p)
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            padded = torch.nn.functional.pad(x, (p, p, p, p), mode=mode)  # (B, C, H+2p, W+2p)
             dy = torch.randint(0, 2 * p + 1, (B,), generator=generator).to(self.device)
             dx = torch.randint(0, 2 * p + 1, (B,), generator=generator).to(self.device)
             rows = (dy.view(B, 1) + torch.arange(H, device=self.device)).view(B, 1, H, 1)

@@ -272,6 +272,32 @@ def test_augmentation_is_a_flip_and_a_translation_of_the_original():
     assert 0 < flips < 8  # with 8 images some are mirrored, some not (fixed seed)
 
 
+def test_reflect_padding_is_a_flip_and_a_reflected_translation_of_the_original():
+    images, labels = _random_data(8)
+    loader = DeviceLoader(images, labels, 8, augment=True, device="cpu", pad=3, padding_mode="reflect", seed=5)
+    x, _ = next(iter(loader))
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    shifted = 0
+    for i in range(8):
+        got = x[i] * std + mean
+        original = images[i].float() / 255
+        padded = [torch.nn.functional.pad(im[None], (3,) * 4, mode="reflect")[0] for im in (original, original.flip(2))]
+        matches = [
+            (f, dy, dx)
+            for f in range(2)
+            for dy in range(7)
+            for dx in range(7)
+            if torch.allclose(padded[f][:, dy : dy + 32, dx : dx + 32], got, atol=1e-5)
+        ]
+        assert len(matches) == 1, f"image {i} is not a single flip + reflected crop of its original"
+        shifted += matches[0][1:] != (3, 3)
+    assert shifted >= 6  # 7 x 7 offsets, a fixed seed: nearly every image moved
+    with pytest.raises(ValueError, match="padding_mode must be 'zeros' or 'reflect'"):
+        DeviceLoader(images, labels, padding_mode="circular", device="cpu")
+    with pytest.raises(ValueError, match="pad smaller than the images"):
+        DeviceLoader(images, labels, augment=True, pad=32, padding_mode="reflect", device="cpu")
+
+
 def test_loader_is_reproducible_and_checks_its_input():
     images, labels = _random_data()
     a = [x for x, _ in DeviceLoader(images, labels, 16, shuffle=True, augment=True, device="cpu", seed=1)]

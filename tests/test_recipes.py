@@ -12,7 +12,7 @@ from companion.data import CIFAR10_MEAN, CIFAR10_STD, DeviceLoader
 from companion.models import load_weights
 from companion.recipes import common
 from companion.recipes.cnn import CNN_RECIPE, make_cnn, train_cnn
-from companion.recipes.common import Recipe, whitening_batch
+from companion.recipes.common import Recipe, cifar10_loaders, whitening_batch
 from companion.recipes.llm import LLM_RECIPE, train_llm
 from companion.recipes.vit import VIT_RECIPE, VIT_RECIPE_GPU, train_vit
 
@@ -160,3 +160,11 @@ def test_bench_step_times_every_model_batch_and_precision(capsys, monkeypatch) -
     assert len(rows) == 8 and all(r["ms"] > 0 for r in rows)
     out = capsys.readouterr().out
     assert "FastCNN(64, 256, 256)" in out and "ViT dim 96 depth 4" in out and "images/s" in out
+
+
+def test_the_recipes_padding_mode_reaches_the_loader_and_is_checked(fake_cifar) -> None:
+    recipe = CNN_RECIPE.replace(n_train=40, n_test=20, padding_mode="reflect")
+    train, _ = cifar10_loaders(recipe, root=fake_cifar, device=torch.device("cpu"))
+    assert (train.pad, train.padding_mode) == (recipe.translate, "reflect")
+    with pytest.raises(ValueError, match="padding_mode must be 'zeros' or 'reflect', got 'edge'"):
+        CNN_RECIPE.replace(padding_mode="edge")

@@ -48,7 +48,8 @@ class Recipe:
     train: TrainConfig = TrainConfig()  # optimiser, schedule, regularisation, epochs: how fit trains
     batch_size: int = 128
     augment: bool = True  # random flips and translations (DeviceLoader)
-    translate: int = 4  # with augment: each image shifted by up to this many pixels (zeros fill the gap)
+    translate: int = 4  # with augment: each image shifted by up to this many pixels ...
+    padding_mode: str = "zeros"  # ... the uncovered border filled with zeros or by reflection ("reflect")
     classes: tuple[str, ...] = CIFAR10_CLASSES  # train and test on the images of these classes only
     n_train: int | None = None  # None: all 50,000 training images (of ``classes``)
     n_test: int | None = None  # None: all 10,000 test images
@@ -91,6 +92,7 @@ class Recipe:
             ),
             (not whole(self.tta_translate, 0), "tta_translate", "a whole number of pixels >= 0"),
             (not whole(self.translate, 0), "translate", "a whole number of pixels >= 0"),
+            (self.padding_mode not in {"zeros", "reflect"}, "padding_mode", "'zeros' or 'reflect'"),
             (
                 not self.classes
                 or len(set(self.classes)) != len(self.classes)
@@ -224,6 +226,7 @@ def cifar10_loaders(
         augment=recipe.augment,
         device=device,
         pad=recipe.translate,
+        padding_mode=recipe.padding_mode,
         drop_last=True,
         seed=seed,
     )
