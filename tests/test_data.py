@@ -250,48 +250,38 @@ def test_loader_normalises_and_covers_every_image_once():
     assert len(DeviceLoader(images, labels, batch_size=16, drop_last=True, device="cpu")) == 3
 
 
-def test_augmentation_is_a_flip_and_a_translation_of_the_original():
-    images, labels = _random_data(8)
-    loader = DeviceLoader(images, labels, batch_size=8, augment=True, device="cpu", pad=4, seed=3)
-    x, _ = next(iter(loader))
+def _flip_and_crop_of_original(images: torch.Tensor, x: torch.Tensor, pad: int, mode: str) -> list[tuple]:
+    """For each augmented image in ``x``, the one (flipped, dy, dx) that maps its original onto it."""
     mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
-    flips = 0
-    for i in range(8):
+    found = []
+    for i in range(len(x)):
         got = x[i] * std + mean
         original = images[i].float() / 255
-        padded = [torch.nn.functional.pad(im, (4, 4, 4, 4)) for im in (original, original.flip(2))]
+        padded = [torch.nn.functional.pad(im[None], (pad,) * 4, mode=mode)[0] for im in (original, original.flip(2))]
         matches = [
             (f, dy, dx)
             for f in range(2)
-            for dy in range(9)
-            for dx in range(9)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
             if torch.allclose(padded[f][:, dy : dy + 32, dx : dx + 32], got, atol=1e-5)
         ]
-        assert len(matches) == 1, f"image {i} is not a single flip+crop of its original"
-        flips += matches[0][0]
-    assert 0 < flips < 8  # with 8 images some are mirrored, some not (fixed seed)
+        assert len(matches) == 1, f"image {i} is not a single flip + {mode}-padded crop of its original"
+        found.append(matches[0])
+    return found
+
+
+def test_augmentation_is_a_flip_and_a_translation_of_the_original():
+    images, labels = _random_data(8)
+    loader = DeviceLoader(images, labels, batch_size=8, augment=True, device="cpu", pad=4, seed=3)
+    found = _flip_and_crop_of_original(images, next(iter(loader))[0], pad=4, mode="constant")
+    assert 0 < sum(f for f, _, _ in found) < 8  # with 8 images some are mirrored, some not (fixed seed)
 
 
 def test_reflect_padding_is_a_flip_and_a_reflected_translation_of_the_original():
     images, labels = _random_data(8)
     loader = DeviceLoader(images, labels, 8, augment=True, device="cpu", pad=3, padding_mode="reflect", seed=5)
-    x, _ = next(iter(loader))
-    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
-    shifted = 0
-    for i in range(8):
-        got = x[i] * std + mean
-        original = images[i].float() / 255
-        padded = [torch.nn.functional.pad(im[None], (3,) * 4, mode="reflect")[0] for im in (original, original.flip(2))]
-        matches = [
-            (f, dy, dx)
-            for f in range(2)
-            for dy in range(7)
-            for dx in range(7)
-            if torch.allclose(padded[f][:, dy : dy + 32, dx : dx + 32], got, atol=1e-5)
-        ]
-        assert len(matches) == 1, f"image {i} is not a single flip + reflected crop of its original"
-        shifted += matches[0][1:] != (3, 3)
-    assert shifted >= 6  # 7 x 7 offsets, a fixed seed: nearly every image moved
+    found = _flip_and_crop_of_original(images, next(iter(loader))[0], pad=3, mode="reflect")
+    assert sum((dy, dx) != (3, 3) for _, dy, dx in found) >= 6  # 7 x 7 offsets, a fixed seed: nearly every one moved
     with pytest.raises(ValueError, match="padding_mode must be 'zeros' or 'reflect'"):
         DeviceLoader(images, labels, padding_mode="circular", device="cpu")
     with pytest.raises(ValueError, match="pad smaller than the images"):
