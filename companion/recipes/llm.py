@@ -34,6 +34,7 @@ class LLMRecipe(CNNRecipe):
     bn_scale: bool = True
     identity_init: bool = False
     translate: int = 4
+    padding_mode: str = "zeros"  # CNNRecipe's default became "reflect" on 2026-12-03; the records used zeros
     batch_size: int = 128
     tta_translate: int = 0
     quick_epochs: int = 3  # quick mode: 2,000 images (Chapter 3's subset) for 3 epochs, fixed here for this chapter
