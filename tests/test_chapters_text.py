@@ -96,3 +96,45 @@ def test_every_figure_cell_has_alt_text() -> None:
             if shows and len(alt) < 20:
                 missing.append(f"{path.name} cell {cell.get('id')}")
     assert not missing, f"figure cells without alt text: {missing}"
+
+
+GRADER_CALL = re.compile(r"\bgrading\.(check_\w+)\(")
+CODE_SPAN = re.compile(r"`([^`]+)`")
+
+
+def forbidden_but_unnamed(path: Path) -> list[str]:
+    """The calls each coding exercise's grader forbids that the exercise's text does not name (in backticks)."""
+    from companion.grading import _forbidden
+
+    missing, text = [], ""
+    for kind, src in cells(path):
+        if kind == "markdown" and src.startswith("### Exercise"):
+            text = src
+        for check in GRADER_CALL.findall(src) if kind == "code" else ():
+            spans = CODE_SPAN.findall(text)
+            for _, name in _forbidden(check):
+                token = name.split()[0]  # "F.conv2d (nn.Conv2d calls it)" -> "F.conv2d"
+                names = {token}
+                if token.startswith("companion."):  # the book's own, as imported at the top, or in full
+                    names |= {token.rsplit(".", 1)[-1], token.removeprefix("companion.")}
+                if not any(s.split("(")[0] in names for s in spans):  # `F.cross_entropy(x, y)` names F.cross_entropy
+                    missing.append(f"{path.name} {check}: {name}")
+    return missing
+
+
+def test_every_exercise_names_what_its_grader_forbids() -> None:
+    """A student who calls a function the grader refuses was told not to, in the exercise's own text."""
+    missing = [m for path in CHAPTERS for m in forbidden_but_unnamed(path)]
+    assert not missing, f"exercises whose text does not name a call their grader forbids: {missing}"
+
+
+def test_the_forbidden_check_catches_an_unnamed_call(tmp_path: Path) -> None:
+    cell = {"metadata": {}, "source": []}
+    exercise = {**cell, "cell_type": "markdown", "source": ["### Exercise 9.1\n", "Do not call `F.max_pool2d`."]}
+    grader = {**cell, "cell_type": "code", "source": ["grading.check_max_pool2d(my_max_pool2d)"]}
+    path = tmp_path / "09_test.ipynb"
+    path.write_text(json.dumps({"cells": [exercise, grader]}))
+    assert forbidden_but_unnamed(path) == [
+        "09_test.ipynb check_max_pool2d: F.max_pool2d_with_indices",
+        "09_test.ipynb check_max_pool2d: companion.conv.max_pool2d",
+    ]
