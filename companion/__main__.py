@@ -175,7 +175,8 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     checkpoint = args.checkpoint
     if checkpoint is None and args.save is not None:  # beside the weights: vit.safetensors -> vit.ckpt
-        checkpoint = Path(args.save).with_suffix("").with_suffix(".ckpt")
+        save = Path(args.save)  # run.v1.safetensors -> run.v1.ckpt (with_suffix would drop ".v1")
+        checkpoint = save.with_name(save.name.removesuffix(".safetensors") + ".ckpt")
     if checkpoint is None and args.resume is not None:  # a resumed run goes on writing to the file it resumed from
         checkpoint = args.resume
     recipe = importlib.import_module(f"companion.recipes.{args.what}")

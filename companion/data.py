@@ -2,7 +2,7 @@
 
 ``load_cifar10`` looks in the data root for, in this order:
 
-1. a decoded cache (``cifar10-{train,test}-uint8.pt``) written by an earlier call;
+1. a decoded cache (``cifar10-{train,test}-uint8-v2.pt``) written by an earlier call;
 2. the original CIFAR-10 python batches (torchvision's ``cifar-10-batches-py/`` layout);
 3. an ``ImageFolder``-style tree ``<split>/<class>/*.jpg`` (in ``cifar10-jpeg/`` or the root itself),
    or a ``.tar.gz`` of one (``cifar10-jpeg.tar.gz``, the offline copy of the book's machines);

@@ -119,7 +119,7 @@ def scale_lr(lr: float, rule: str = "linear") -> float:
     """
     factors = {"linear": world_size(), "sqrt": math.sqrt(world_size()), "none": 1}
     if rule not in factors:
-        raise ValueError(f"lr_scaling must be 'linear', 'sqrt' or 'none', got {rule!r}")
+        raise ValueError(f"rule (a recipe's lr_scaling) must be 'linear', 'sqrt' or 'none', got {rule!r}")
     return lr * factors[rule]
 
 

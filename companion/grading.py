@@ -854,7 +854,8 @@ def check_effective_positions(fn: Callable[[Tensor], Tensor]) -> None:
     expected = entropy.exp()
     mistakes = [
         (entropy, "that is the entropy; the effective number of positions is its exponential, exp(H)"),
-        (2**entropy, "exp of the entropy in bits: use the natural log with exp, or log2 with 2**"),
+        ((entropy / math.log(2)).exp(), "exp of the entropy in bits: use the natural log with exp, or log2 with 2**"),
+        (2**entropy, "2 ** the entropy in nats: use exp with the natural log, or 2 ** with log2"),
         (
             1 / (weights**2).sum(-1),
             "that is the inverse participation ratio 1 / sum p^2, another measure; this "

@@ -98,8 +98,8 @@ def _resolve_model(name: str | None) -> str:
             return name
         raise ValueError(
             f"text model {name!r} needs a download, but Hugging Face downloads are switched off "
-            f"(HF_HUB_OFFLINE=1) and it is not in the local cache; unset HF_HUB_OFFLINE on a machine with "
-            f"internet to download it once, or {hint}"
+            f"(HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set) and it is not in the local cache; unset both on a "
+            f"machine with internet to download it once, or {hint}"
         )
     try:
         model_info(name, timeout=10)

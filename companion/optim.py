@@ -106,7 +106,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def orthogonalize(update: torch.Tensor, steps: int = 3) -> torch.Tensor:
-    """Roughly ``U @ V.T`` for ``update = U S V.T``: every singular value moved into about [0.5, 1.5].
+    """Roughly ``U @ V.T`` for ``update = U S V.T``: most singular values moved into about [0.5, 1.5].
 
     ``update`` is a matrix (m, n) or a stack of them (..., m, n). Muon's quintic Newton-Schulz iteration (Jordan et
     al., 2024), in bfloat16: each step maps every singular value s to a s + b s^3 + c s^5, coefficients chosen to

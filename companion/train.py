@@ -60,7 +60,7 @@ class TrainConfig:
     lr: float | None = None  # None: 0.05 for SGD (and Muon's SGD part), 1e-3 for AdamW (and Muon's AdamW part)
     momentum: float = 0.9  # SGD's momentum (Nesterov); 0: plain SGD
     weight_decay: float = 5e-4  # on weight matrices and kernels only (companion.optim.param_groups)
-    schedule: str = "onecycle"  # linear warm-up, then linear ("onecycle") or half-cosine ("cosine") decay to 0
+    schedule: str = "onecycle"  # warm-up, then linear ("onecycle") or half-cosine ("cosine") decay to 0, or "constant"
     warmup: float = 0.2  # fraction of all steps spent warming up, in [0, 1)
     label_smoothing: float = 0.0  # in [0, 1)
     grad_clip: float | None = None  # largest gradient norm; None: no clipping
@@ -196,7 +196,7 @@ def _autocast(dev: torch.device, precision: str) -> contextlib.AbstractContextMa
 
 
 def _schedule(kind: str, total_steps: int, warmup: float):
-    """Learning-rate multiplier per step: linear warm-up, then linear ('onecycle') or cosine decay to 0."""
+    """Learning-rate multiplier per step: linear warm-up, then linear ('onecycle') or cosine decay to 0, or none."""
     if kind not in {"onecycle", "cosine", "constant"}:
         raise ValueError(f"schedule must be 'onecycle', 'cosine' or 'constant', got {kind!r}")
     if not 0 <= warmup < 1:
@@ -233,6 +233,12 @@ def predict(
     dev = _device_of(model)
     all_logits, all_labels = [], []
     for x, y in data:
+        if not isinstance(x, torch.Tensor) or y.ndim != 1:
+            raise ValueError(
+                "predict and evaluate (and fit's test_data) take batches of images x (B, ...) with class labels y "
+                f"(B,), got x {type(x).__name__} and y of shape {tuple(y.shape)}; for a model fed tuples or trained "
+                "on sequences, pass test_data=None to fit and evaluate with your own loop"
+            )
         x = x.to(dev)
         with _autocast(dev, precision):
             logits = tta_logits(model, x, flip=tta_flip, translate_by=tta_translate)  # (B, C) float

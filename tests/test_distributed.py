@@ -64,7 +64,7 @@ def test_scale_lr_follows_the_rule_for_the_global_batch(monkeypatch):
     assert distributed.scale_lr(0.1, "linear") == pytest.approx(0.4)
     assert distributed.scale_lr(0.1, "sqrt") == pytest.approx(0.2)
     assert distributed.scale_lr(0.1, "none") == 0.1
-    with pytest.raises(ValueError, match="lr_scaling must be 'linear', 'sqrt' or 'none'"):
+    with pytest.raises(ValueError, match=r"lr_scaling\) must be 'linear', 'sqrt' or 'none'"):
         distributed.scale_lr(0.1, "quadratic")
 
 

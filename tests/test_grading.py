@@ -486,7 +486,8 @@ def effective(weights):
 
 EFFECTIVE_MUTANTS = {
     "that is the entropy": lambda w: -torch.special.xlogy(w, w).sum(-1),
-    "in bits": lambda w: 2 ** (-torch.special.xlogy(w, w).sum(-1)),
+    "exp of the entropy in bits": lambda w: (-torch.special.xlogy(w, w).sum(-1) / math.log(2)).exp(),
+    "2 ** the entropy in nats": lambda w: 2 ** (-torch.special.xlogy(w, w).sum(-1)),
     "inverse participation ratio": lambda w: 1 / (w**2).sum(-1),
     "0 * log(0)": lambda w: (-(w * w.log()).sum(-1)).exp(),
     "one number per query": lambda w: (-torch.special.xlogy(w, w).sum(-2)).exp(),

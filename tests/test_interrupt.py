@@ -181,28 +181,31 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_the_command_line_saves_on_a_signal_and_resumes(fake_cifar: Path, tmp_path: Path, signum: int) -> None:
-    """A subprocess sent SIGINT (Ctrl-C) or SIGTERM (a job scheduler) mid-training: weights and checkpoint saved."""
+    """A subprocess sent SIGINT (Ctrl-C) or SIGTERM (a job scheduler) mid-training: weights and checkpoint saved.
+
+    The name has a dot of its own (cnn.v1): the checkpoint is cnn.v1.ckpt, not cnn.ckpt.
+    """
     out = tmp_path / "out"
     out.mkdir()
-    args = ["--data", str(fake_cifar), "--epochs", "400", "--save", str(out / "cnn.safetensors")]
+    args = ["--data", str(fake_cifar), "--epochs", "400", "--save", str(out / "cnn.v1.safetensors")]
     proc = _cli(*args, cwd=tmp_path)
     deadline = time.monotonic() + 120
-    while not (out / "cnn.ckpt").exists():  # the first epoch's checkpoint: training is under way
+    while not (out / "cnn.v1.ckpt").exists():  # the first epoch's checkpoint: training is under way
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, stderr
-    assert "stopping at the end of this step" in stdout and f"--resume {out / 'cnn.ckpt'}" in stderr
-    assert (out / "cnn.partial.safetensors").stat().st_size > 0 and not (out / "cnn.safetensors").exists()
+    assert "stopping at the end of this step" in stdout and f"--resume {out / 'cnn.v1.ckpt'}" in stderr
+    assert (out / "cnn.v1.partial.safetensors").stat().st_size > 0 and not (out / "cnn.v1.safetensors").exists()
     assert "Traceback" not in stderr
     if signum == signal.SIGTERM:
         return
-    resume = _cli(*args, "--resume", str(out / "cnn.ckpt"), "--epochs", "400", cwd=tmp_path)
+    resume = _cli(*args, "--resume", str(out / "cnn.v1.ckpt"), "--epochs", "400", cwd=tmp_path)
     deadline = time.monotonic() + 120
     while resume.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
-        if (out / "cnn.ckpt").stat().st_mtime > time.time() - 0.5:
+        if (out / "cnn.v1.ckpt").stat().st_mtime > time.time() - 0.5:
             break
     resume.send_signal(signal.SIGINT)  # the resumed run is a run like any other: it stops and saves again
     _, stderr = resume.communicate(timeout=120)

@@ -176,3 +176,25 @@ def test_the_recipes_padding_mode_reaches_the_loader_and_is_checked(fake_cifar) 
     assert (train.pad, train.padding_mode) == (recipe.translate, "reflect")
     with pytest.raises(ValueError, match="padding_mode must be 'zeros' or 'reflect', got 'edge'"):
         CNN_RECIPE.replace(padding_mode="edge")
+
+
+def test_the_gpu_recipe_is_the_full_mode_default_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, quick mode keeps the CPU recipe: the GPU recipe's learning rates are for batches of 2,000."""
+    from companion.recipes import cnn
+
+    chosen = []
+    monkeypatch.setattr(cnn, "device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(cnn, "run", lambda recipe, *a, **kw: chosen.append(recipe))
+    cnn.train_cnn(quick=True)
+    cnn.train_cnn(quick=False)
+    assert chosen == [CNN_RECIPE.for_mode(True), cnn.CNN_RECIPE_GPU]
+
+
+def test_the_final_tta_evaluation_computes_in_the_recipes_precision(fake_cifar, monkeypatch) -> None:
+    seen = []
+    real = common.evaluate
+    monkeypatch.setattr(common, "evaluate", lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
+    recipe = CNN_RECIPE.replace(widths=(8, 8, 8), quick_n_train=40, quick_n_test=20, precision="fp32")
+    train_cnn(quick=True, epochs=1, root=fake_cifar, recipe=recipe, progress=False, verbose=False, record=False)
+    ((args, kwargs),) = seen
+    assert "fp32" in args or kwargs.get("precision") == "fp32"

@@ -182,3 +182,13 @@ def test_the_precision_follows_the_config_then_companion_precision(monkeypatch: 
     monkeypatch.delenv("COMPANION_PRECISION")
     with pytest.raises(SystemExit):
         main(["train", "cnn", "--precision", "fp16"])
+
+
+def test_evaluate_refuses_batches_it_cannot_score() -> None:
+    """Tuples of inputs or sequence targets (which fit trains on) get a clear error, not a crash or a wrong score."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    x = torch.randn(4, 3, 2, 2)
+    assert 0 <= evaluate(model, [(x, torch.tensor([0, 1, 2, 3]))])[1] <= 1
+    for batch in [((x, x), torch.tensor([0, 1, 2, 3])), (x, torch.zeros(4, 5, dtype=torch.long))]:
+        with pytest.raises(ValueError, match="pass test_data=None to fit"):
+            evaluate(model, [batch])

@@ -3,8 +3,8 @@
 An image is cut into ``patch_size x patch_size`` patches, each patch is flattened and projected to a
 ``dim``-vector (``PatchEmbedding``), a learned class token is prepended, position embeddings are
 added, and a stack of pre-norm Transformer encoder blocks (``EncoderBlock``, built on
-``companion.attention.MultiHeadAttention``) mixes the tokens. The class token (or the mean of the
-patch tokens) goes through a final LayerNorm and a linear head.
+``companion.attention.MultiHeadAttention``) mixes the tokens. All tokens go through a final LayerNorm;
+the class token (or the mean of the patch tokens) then goes through a linear head.
 
 Three options for training on small data sets, all off by default: stochastic depth (``DropPath``,
 Huang et al., 2016), shifted patch tokenization (``ShiftedPatchEmbedding``) and locality self-attention

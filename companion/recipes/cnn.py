@@ -128,12 +128,13 @@ def _model(recipe: CNNRecipe, train: DeviceLoader, seed: int) -> FastCNN:
 
 
 def train_cnn(quick: bool = False, epochs: int | None = None, recipe: CNNRecipe | None = None, **options) -> RunResult:
-    """Train the recipe's FastCNN on CIFAR-10 and report test accuracy (plain and with flip-TTA) and time.
+    """Train the recipe's FastCNN on CIFAR-10 and report test accuracy (plain and with the recipe's TTA) and time.
 
-    Without ``recipe``, :data:`CNN_RECIPE_GPU` on CUDA, else :data:`CNN_RECIPE`. Runs ``recipe.for_mode(quick)``,
-    with ``epochs`` in place of the recipe's if given. ``options`` are ``run``'s: ``seed``, ``root``, ``save``,
-    ``overwrite``, ``checkpoint``, ``resume_from``, ``progress``, ``verbose``, ``record``.
+    Without ``recipe``, :data:`CNN_RECIPE_GPU` on CUDA in full mode, else :data:`CNN_RECIPE` (the GPU recipe's
+    learning rates are for batches of 2,000; quick mode's 2,000 images need the small batches of the CPU recipe).
+    Runs ``recipe.for_mode(quick)``, with ``epochs`` in place of the recipe's if given. ``options`` are ``run``'s:
+    ``seed``, ``root``, ``save``, ``overwrite``, ``checkpoint``, ``resume_from``, ``progress``, ``verbose``, ``record``.
     """
     if recipe is None:
-        recipe = CNN_RECIPE_GPU if device().type == "cuda" else CNN_RECIPE
+        recipe = CNN_RECIPE_GPU if device().type == "cuda" and not quick else CNN_RECIPE
     return run(recipe.for_mode(quick, epochs), _model, title=lambda r, m: f"FastCNN{r.widths}", **options)

@@ -372,7 +372,7 @@ def run(
                 _keep_interrupted(stop, model, target, ckpt, recipe, seed)
             raise
         with hold_signals():  # finished training: a Ctrl-C now acts once the weights and record are written
-            _, acc_tta = evaluate(model, test, tta_flip=True, tta_translate=recipe.tta_translate)
+            _, acc_tta = evaluate(model, test, True, recipe.tta_translate, recipe.train.precision)  # as fit's
             result = RunResult(
                 title=title(recipe, model),
                 test_acc=history.test_acc[-1],
@@ -413,9 +413,12 @@ def _keep_interrupted(
     """After a signal: save the weights trained so far and a checkpoint, and say where and how to continue."""
     if not distributed.is_main():
         return
-    stem = target.with_suffix("") if target is not None else Path.cwd() / f"interrupted-{type(recipe).__name__}-{seed}"
+    if target is not None:  # run.v1.safetensors -> run.v1 (with_suffix would drop ".v1" too)
+        stem = target.with_name(target.name.removesuffix(".safetensors"))
+    else:
+        stem = Path.cwd() / f"interrupted-{type(recipe).__name__}-{seed}"
     partial = _save(model, _free_path(stem.with_name(stem.name + ".partial.safetensors")), "weights trained so far")
-    ckpt = ckpt if ckpt is not None else _free_path(stem.with_suffix(".ckpt"))
+    ckpt = ckpt if ckpt is not None else _free_path(stem.with_name(stem.name + ".ckpt"))
     save_checkpoint(stop.state, ckpt)
     print(
         f"{stop} (epoch {stop.epoch + 1} of {recipe.train.epochs}). Weights so far: {partial}; checkpoint: {ckpt}. "

@@ -24,10 +24,10 @@ __all__ = ["LLM_RECIPE", "LLMRecipe", "train_linear_baseline", "train_llm"]
 
 @dataclass(frozen=True)
 class LLMRecipe(CNNRecipe):
-    """The CNN recipe of Chapter 3 plus the text side; fewer epochs so that the chapter's three runs fit a CPU."""
+    """CNN_RECIPE_SMALL's network and data plus the text side; fewer epochs, so the chapter's three runs fit a CPU."""
 
-    # Chapter 3's recipe uses lr 0.1 at this batch size; this chapter's runs are measured with 0.2. Three epochs:
-    # three CNN trainings in Chapter 6, under 10 minutes on a 2-core CPU.
+    # CNN_RECIPE_SMALL (Chapter 3's recipe until 2026-12-03) uses lr 0.1 at this batch size; this chapter's runs are
+    # measured with 0.2. Three epochs: three CNN trainings in Chapter 6, under 10 minutes on a 2-core CPU.
     train: TrainConfig = TrainConfig(epochs=3, optimizer="sgd", lr=0.2, weight_decay=5e-4, label_smoothing=0.2)
     # the network and data of CNN_RECIPE_SMALL (Chapter 3's recipe until 2026-12-03), which this chapter measured
     widths: tuple[int, ...] = (32, 64, 128)
