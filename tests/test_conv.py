@@ -111,9 +111,11 @@ def test_conv_output_size_matches_actual_shape(seed: int) -> None:
     cfg = random_conv_config(2000 + seed)
     if isinstance(cfg["padding"], str):
         cfg["padding"] = 0 if cfg["padding"] == "valid" else cfg["padding"]
-    if cfg["padding"] == "same":
-        size = tuple(cfg["input"].shape[2:])  # 'same' keeps the size by definition
+    if cfg["padding"] == "same":  # stride 1; 'same' pads d(k-1) in all per axis (one more on one side if odd)
+        size, k, d = tuple(cfg["input"].shape[2:]), tuple(cfg["weight"].shape[2:]), _as_pair(cfg["dilation"])
         assert tuple(F.conv2d(**cfg).shape[2:]) == size
+        padded = tuple(size[i] + d[i] * (k[i] - 1) for i in range(2))  # the padding folded into the input
+        assert conv_output_size(padded, k, 1, 0, cfg["dilation"]) == size
         return
     kernel = tuple(cfg["weight"].shape[2:])
     expected = tuple(F.conv2d(**cfg).shape[2:])

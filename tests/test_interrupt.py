@@ -39,6 +39,16 @@ class SignalAt(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class StepCount(Callback):
+    """Counts the training steps it sees."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_step_end(self, state) -> None:
+        self.n += 1
+
+
 def loader(seed: int = 0) -> DeviceLoader:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=g)
@@ -126,13 +136,14 @@ def test_an_interrupted_recipe_run_keeps_its_weights_and_resumes_to_the_same_dig
         if train is train_cnn
         else VIT_RECIPE.replace(dim=16, depth=1, num_heads=2, quick_n_train=40, quick_n_test=20, quick_batch_size=8)
     )
-    killer = SignalAt(None)
+    killer, steps = SignalAt(None), StepCount()
     real_fit = common.fit
     monkeypatch.setattr(
-        common, "fit", lambda *a, callbacks=(), **kw: real_fit(*a, callbacks=[*callbacks, killer], **kw)
+        common, "fit", lambda *a, callbacks=(), **kw: real_fit(*a, callbacks=[*callbacks, killer, steps], **kw)
     )
     options = {"quick": True, "epochs": 3, "root": fake_cifar, "recipe": recipe, "progress": False}
     plain = train(**options, record=False)
+    all_steps = steps.n
 
     killer.epoch, killer.step = 1, 2
     target = tmp_path / "w.safetensors"
@@ -142,7 +153,9 @@ def test_an_interrupted_recipe_run_keeps_its_weights_and_resumes_to_the_same_dig
     partial = tmp_path / "w.partial.safetensors"
     assert f"Weights so far: {partial}" in err and "--resume" in err and (tmp_path / "w.ckpt").is_file()
     assert not target.exists() and not list(tmp_path.glob("w*.lock"))  # not a finished run; no lock left behind
+    steps.n = 0
     resumed = train(**options, save=target, checkpoint=tmp_path / "w.ckpt", resume_from=tmp_path / "w.ckpt")
+    assert 0 < steps.n < all_steps  # only the steps left after the interruption: the checkpoint was used
     assert (resumed.test_acc, resumed.test_acc_tta) == (plain.test_acc, plain.test_acc_tta)
     assert resumed.history.test_acc == plain.history.test_acc and target.is_file()
 

@@ -178,18 +178,6 @@ def test_the_recipes_padding_mode_reaches_the_loader_and_is_checked(fake_cifar) 
         CNN_RECIPE.replace(padding_mode="edge")
 
 
-def test_the_gpu_recipe_is_the_full_mode_default_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA, quick mode keeps the CPU recipe: the GPU recipe's learning rates are for batches of 2,000."""
-    from companion.recipes import cnn
-
-    chosen = []
-    monkeypatch.setattr(cnn, "device", lambda: torch.device("cuda"))
-    monkeypatch.setattr(cnn, "run", lambda recipe, *a, **kw: chosen.append(recipe))
-    cnn.train_cnn(quick=True)
-    cnn.train_cnn(quick=False)
-    assert chosen == [CNN_RECIPE.for_mode(True), cnn.CNN_RECIPE_GPU]
-
-
 def test_the_final_tta_evaluation_computes_in_the_recipes_precision(fake_cifar, monkeypatch) -> None:
     seen = []
     real = common.evaluate

@@ -110,8 +110,10 @@ def test_vit_shapes_for_several_configurations(seed: int) -> None:
         pos_embedding=rng.choice(["learned", "sincos"]),
         in_channels=rng.choice([1, 3]),
     )
+    nn.init.normal_(model.head.weight)  # the head starts at zero: all logits would be 0 on both paths
     x = torch.randn(3, model.patch_embed.in_channels, size, size)
     logits, attentions = model(x, return_attention=True)
+    assert logits.abs().amax() > 0.1
     tokens = (size // patch) ** 2 + (pool == "cls")
     assert logits.shape == (3, classes)
     assert len(attentions) == depth and all(a.shape == (3, heads, tokens, tokens) for a in attentions)
