@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import companion
 from companion.augment import AugmentLoader, random_ops
 from companion.data import DataNotFoundError, DeviceLoader, load_cifar10
-from companion.models import FastCNN, ViT, count_flops, load_weights, save_weights, summary
+from companion.models import FastCNN, ViT, count_flops, count_parameters, load_weights, save_weights, summary
 from companion.models.vit import attention_rollout
 from companion.train import evaluate, fit, predict
 
@@ -130,8 +130,8 @@ def test_vit_rollout_flops_and_summary_take_cuda_models() -> None:
     torch.testing.assert_close(rollout.sum(-1), torch.ones(2, 65, device=CUDA), atol=1e-5, rtol=0)
     assert count_flops(model) == count_flops(model.cpu())
     model.to(CUDA)
-    rows = summary(model)
-    assert rows and sum(r[3] for r in rows) > 0
+    rows = summary(model)  # one row per layer: every parameter but the class token and position embedding
+    assert sum(r[3] for r in rows) == count_parameters(model) - model.cls_token.numel() - model.pos_embedding.numel()
 
 
 def test_small_data_vit_options_train_in_bf16_on_cuda() -> None:
